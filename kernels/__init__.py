@@ -1,0 +1,45 @@
+"""Triton kernels with plain-torch references. Knows nothing about models or GGUF keys.
+
+Every public op goes through :mod:`kernels._dispatch`: Triton on CUDA (or under ``TRITON_INTERPRET=1`` with
+``VLM_KERNELS=triton``), the torch reference otherwise. ``kernels.explain()`` says which and why.
+"""
+from __future__ import annotations
+
+from kernels._dispatch import KernelUnavailableError, call as _call, explain
+from kernels.quant import GGMLType, QTensor, dequantize, quantize
+
+
+def qmatmul(x, w, bias=None):
+    """y = x @ dequant(w).T (+ bias); x [M, K] fp16/bf16/fp32, w a QTensor [N, K]."""
+    return _call("qmatmul", x, w, bias)
+
+
+def attention(q, k, v, *, causal, scale=None, sliding_window=None, logit_softcap=None,
+              cu_seqlens_q=None, cu_seqlens_k=None):
+    return _call("attention", q, k, v, causal=causal, scale=scale, sliding_window=sliding_window,
+                 logit_softcap=logit_softcap, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+
+
+def decode_attention(q, k_cache, v_cache, seq_lens, *, scale=None, sliding_window=None, logit_softcap=None):
+    return _call("decode_attention", q, k_cache, v_cache, seq_lens, scale=scale,
+                 sliding_window=sliding_window, logit_softcap=logit_softcap)
+
+
+def rms_norm(x, weight, eps, *, offset=0.0, residual=None):
+    return _call("rms_norm", x, weight, eps, offset=offset, residual=residual)
+
+
+def layer_norm(x, weight, bias, eps, *, residual=None):
+    return _call("layer_norm", x, weight, bias, eps, residual=residual)
+
+
+def rope(x, positions, *, theta, mode="normal", sections=None, freq_factors=None):
+    return _call("rope", x, positions, theta=theta, mode=mode, sections=sections, freq_factors=freq_factors)
+
+
+def patch_embed(pixels, weight, bias=None, pos_embed=None, **kw):
+    return _call("patch_embed", pixels, weight, bias, pos_embed, **kw)
+
+
+__all__ = ["GGMLType", "QTensor", "dequantize", "quantize", "qmatmul", "attention", "decode_attention",
+           "rms_norm", "layer_norm", "rope", "patch_embed", "explain", "KernelUnavailableError"]
