@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# One batched GPU session: GPU-marked tests (bf16, real compiler) + every microbenchmark.
+# Usage on the GPU machine (repo root):  bash bench/run_gpu.sh OUTDIR [quick]
+# Needs the gguf wheel in .whl/ when the machine lacks the gguf package.
+set -uo pipefail
+OUT=${1:-bench/results}; mkdir -p "$OUT/results"
+if ! python3 -c "import gguf" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1 MPLBACKEND=Agg
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$OUT/results/device.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/results/device.txt"
+t0=$(date +%s)
+run() { local name=$1 lim=$2; shift 2; echo "=== $name (limit ${lim}s)"; s=$(date +%s)
+        timeout "$lim" "$@" >"$OUT/results/$name.log" 2>&1; rc=$?
+        echo "=== $name rc=$rc $(( $(date +%s) - s ))s"; tail -n 25 "$OUT/results/$name.log"; }
+run gpu_tests 240 python3 -m pytest -q -m gpu tests -p no:cacheprovider -o addopts=""
+for b in qmatmul attention patch_embed norm_rope dequant; do
+  [ -f bench/bench_$b.py ] && run bench_$b 120 python3 bench/bench_$b.py --out "$OUT/results"
+done
+echo "total $(( $(date +%s) - t0 ))s"
+tar -czf "$OUT/results.tar.gz" -C "$OUT" results
