@@ -5,6 +5,10 @@ Every public op goes through :mod:`kernels._dispatch`: Triton on CUDA (or under 
 """
 from __future__ import annotations
 
+import sys as _sys
+import types as _types
+
+from kernels import _dispatch
 from kernels._dispatch import KernelUnavailableError, call as _call, explain
 from kernels.quant import GGMLType, QTensor, dequantize, quantize
 
@@ -40,6 +44,22 @@ def rope(x, positions, *, theta, mode="normal", sections=None, freq_factors=None
 def patch_embed(pixels, weight, bias=None, pos_embed=None, **kw):
     return _call("patch_embed", pixels, weight, bias, pos_embed, **kw)
 
+
+class _Package(_types.ModuleType):
+    """Keeps the public op functions when their same-named implementation modules are imported.
+
+    Importing ``kernels.attention`` (the module) would otherwise rebind the package attribute ``attention`` from
+    the dispatching function to the module. Use ``from kernels.attention import ...`` or importlib to reach the
+    implementation modules.
+    """
+
+    def __setattr__(self, name, value):
+        if name in _dispatch.OPS and isinstance(value, _types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+_sys.modules[__name__].__class__ = _Package
 
 __all__ = ["GGMLType", "QTensor", "dequantize", "quantize", "qmatmul", "attention", "decode_attention",
            "rms_norm", "layer_norm", "rope", "patch_embed", "explain", "KernelUnavailableError"]
