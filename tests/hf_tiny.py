@@ -1,0 +1,296 @@
+"""Tiny random Hugging Face checkpoints (seed 0, ~1 MB) with real tokenizers, saved to a directory.
+
+Reusable by any test: ``make_tiny_llama(dir)``, ``make_tiny_qwen2(dir)``, ``make_tiny_gemma3(dir)`` write
+``config.json`` + ``model.safetensors`` + tokenizer files exactly as ``save_pretrained`` does and return the
+directory. The layout is what our converter (``vlm.convert.hf_to_gguf.convert``) and llama.cpp's
+``convert_hf_to_gguf.py`` read:
+
+- llama, ``tokenizer="spm"`` (default): Llama-2 style SentencePiece BPE ``tokenizer.model`` (byte fallback,
+  dummy prefix, unk=0 bos=1 eos=2), untied ``lm_head``.
+- llama, ``tokenizer="bpe"``: Llama-3 style byte-level BPE ``tokenizer.json`` with the llama3 split regex and a
+  ``<|begin_of_text|>`` post-processor (-> ``tokenizer.ggml.pre = "llama-bpe"``).
+- llama, ``tokenizer="smollm"``: SmolLM style byte-level BPE (Digits + ByteLevel regex) (-> ``"smollm"``).
+- qwen2: byte-level BPE with Qwen2's split regex, ``<|endoftext|> <|im_start|> <|im_end|>`` appended after the
+  base vocabulary, ChatML chat template, tied embeddings, q/k/v biases.
+- gemma3: Gemma style SentencePiece BPE (pad=0 eos=1 bos=2 unk=3, no dummy prefix, ``<start_of_turn>`` /
+  ``<end_of_turn>``), ``Gemma3ForCausalLM`` with one sliding + one full layer (sliding_window 8); with
+  ``conditional=True`` a ``Gemma3ForConditionalGeneration`` (tiny SigLIP tower) whose text half is the same.
+
+Everything is deterministic (torch seed 0, fixed corpus); building one model takes ~1 s on a CPU core.
+Requires ``transformers``, ``tokenizers`` and ``sentencepiece`` (test dependencies).
+"""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+VOCAB = 1000
+HIDDEN = 64
+N_LAYER = 2
+N_HEAD = 4
+N_HEAD_KV = 2
+N_FF = 128
+N_CTX = 512
+
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+_SENTENCES = [
+    "The capital of France is Paris, and the capital of Germany is Berlin.",
+    "Once upon a time there was a small model that wanted to learn everything.",
+    "def forward(self, x):\n    return self.proj(x) + 1\n",
+    "for i in range(10):\n\tprint(i, i * i)\n",
+    "Numbers: 1 12 123 1234 12345 3.14159 2024-11-24 0x7f.",
+    "Unicode: café, naïve, résumé, Straße, Ångström, Ελληνικά, русский язык.",
+    "CJK: 我想在苹果工作 日本語のテキスト 한국어 문장.",
+    "Emoji: 🚀 🦙🦙 ✅ 😁 and 👍🏽 mixed with text.",
+    "Whitespace   runs  \n\n  and\ttabs \t\t end.",
+    "I've been told he's there, you'll see; we'd like it. They're sure.",
+    "<html><body class=\"main\">Hello, world!</body></html>",
+    "SELECT name, age FROM users WHERE age > 30 ORDER BY name;",
+]
+
+
+def corpus(n_extra: int = 3000, seed: int = 0) -> list[str]:
+    """Fixed training text: the sentences above plus seeded pseudo-words (enough pieces for ~1000 tokens)."""
+    rng = random.Random(seed)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    syll = [a + b for a in "bcdfghklmnprstvw" for b in "aeiou"] + ["th", "ing", "er", "an", "qu", "sh"]
+    lines = list(_SENTENCES) * 20
+    for _ in range(n_extra):
+        words = []
+        for _ in range(rng.randint(3, 12)):
+            w = "".join(rng.choice(syll) for _ in range(rng.randint(1, 4)))
+            if rng.random() < 0.15:
+                w = w.capitalize()
+            if rng.random() < 0.05:
+                w += rng.choice(letters)
+            if rng.random() < 0.1:
+                w = str(rng.randint(0, 9999))
+            words.append(w)
+        lines.append(" ".join(words) + rng.choice([".", ",", "!", "?", ""]))
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------------------
+# tokenizers
+# ----------------------------------------------------------------------------------------------------------
+def _train_spm(out_dir: Path, *, vocab_size: int, style: str) -> int:
+    """Train a SentencePiece BPE model with byte fallback; writes tokenizer.model, returns its vocab size."""
+    import io
+
+    import sentencepiece as spm
+
+    common = dict(model_type="bpe", vocab_size=vocab_size, byte_fallback=True, split_digits=True,
+                  normalization_rule_name="identity", remove_extra_whitespaces=False,
+                  allow_whitespace_only_pieces=True, character_coverage=1.0, num_threads=1,
+                  hard_vocab_limit=False, minloglevel=2, max_sentence_length=1 << 14)
+    if style == "llama":
+        ids = dict(unk_id=0, bos_id=1, eos_id=2, pad_id=-1, add_dummy_prefix=True)
+        extra = {}
+    elif style == "gemma":
+        ids = dict(pad_id=0, eos_id=1, bos_id=2, unk_id=3, add_dummy_prefix=False,
+                   pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>")
+        extra = dict(user_defined_symbols=["<start_of_turn>", "<end_of_turn>"])
+    else:
+        raise ValueError(style)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus()), model_writer=model, **common, **ids, **extra)
+    (out_dir / "tokenizer.model").write_bytes(model.getvalue())
+    sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    return sp.vocab_size()
+
+
+def _train_bpe(vocab_size: int, split_regex: str | None, specials: list[str], *, digits: bool = False,
+               ignore_merges: bool = False):
+    """Byte-level BPE (GPT-2 family) trained with `tokenizers`; specials are appended after the base vocab."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(ignore_merges=ignore_merges))
+    if split_regex is not None:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(split_regex), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    elif digits:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    else:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(specials), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
+    tok.train_from_iterator(corpus(), trainer=trainer)
+    tok.add_special_tokens(specials)
+    return tok
+
+
+def _save_fast(tok, out_dir: Path, **kwargs) -> None:
+    from transformers import PreTrainedTokenizerFast
+
+    PreTrainedTokenizerFast(tokenizer_object=tok, **kwargs).save_pretrained(str(out_dir))
+
+
+def _write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False), encoding="utf-8")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# models
+# ----------------------------------------------------------------------------------------------------------
+def _save_model(model, out_dir: Path, gen: dict | None = None) -> None:
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    if gen is not None:
+        _write_json(out_dir / "generation_config.json", gen)
+
+
+def make_tiny_llama(out_dir, tokenizer: str = "spm", *, tie_word_embeddings: bool = False) -> Path:
+    """Tiny LlamaForCausalLM (hidden 64, 2 layers, 4 heads / 2 KV heads, vocab ~1000)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if tokenizer == "spm":
+        n_vocab = _train_spm(out, vocab_size=VOCAB, style="llama")
+        bos, eos, pad = 1, 2, None
+        _write_json(out / "tokenizer_config.json", {
+            "add_bos_token": True, "add_eos_token": False, "bos_token": "<s>", "eos_token": "</s>",
+            "unk_token": "<unk>", "model_max_length": N_CTX, "legacy": True})
+    elif tokenizer in ("bpe", "smollm"):
+        if tokenizer == "bpe":
+            specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                        "<|eot_id|>"]
+            tok = _train_bpe(VOCAB, LLAMA3_SPLIT, specials, ignore_merges=True)
+            bos_t, eos_t = "<|begin_of_text|>", "<|eot_id|>"
+        else:
+            specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+            tok = _train_bpe(VOCAB, None, specials, digits=True)
+            bos_t, eos_t = "<|im_start|>", "<|im_end|>"
+        from tokenizers import processors
+        bos = tok.token_to_id(bos_t)
+        eos = tok.token_to_id(eos_t)
+        pad = None
+        if tokenizer == "bpe":
+            tok.post_processor = processors.TemplateProcessing(
+                single=f"{bos_t} $A", pair=f"{bos_t} $A {bos_t} $B", special_tokens=[(bos_t, bos)])
+        n_vocab = tok.get_vocab_size()
+        _save_fast(tok, out, bos_token=bos_t, eos_token=eos_t, model_max_length=N_CTX)
+    else:
+        raise ValueError(f"tokenizer must be 'spm', 'bpe' or 'smollm', got {tokenizer!r}")
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=n_vocab, hidden_size=HIDDEN, intermediate_size=N_FF, num_hidden_layers=N_LAYER,
+                      num_attention_heads=N_HEAD, num_key_value_heads=N_HEAD_KV, max_position_embeddings=N_CTX,
+                      rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                      tie_word_embeddings=tie_word_embeddings, bos_token_id=bos, eos_token_id=eos,
+                      pad_token_id=pad)
+    cfg.architectures = ["LlamaForCausalLM"]
+    model = LlamaForCausalLM(cfg).eval()
+    _save_model(model, out, {"bos_token_id": bos, "eos_token_id": eos})
+    return out
+
+
+def make_tiny_qwen2(out_dir) -> Path:
+    """Tiny Qwen2ForCausalLM (q/k/v biases, tied embeddings) with a byte-level BPE + ChatML template."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = _train_bpe(VOCAB, QWEN2_SPLIT, specials)
+    eot, eos = tok.token_to_id("<|endoftext|>"), tok.token_to_id("<|im_end|>")
+    _save_fast(tok, out, eos_token="<|im_end|>", pad_token="<|endoftext|>", model_max_length=N_CTX,
+               chat_template=CHATML_TEMPLATE)
+    # Qwen's own tokenizer_config.json says add_bos_token false / errors replace; keep the keys llama.cpp reads.
+    tc = json.loads((out / "tokenizer_config.json").read_text(encoding="utf-8"))
+    tc["add_bos_token"] = False
+    tc.setdefault("chat_template", CHATML_TEMPLATE)
+    _write_json(out / "tokenizer_config.json", tc)
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=tok.get_vocab_size(), hidden_size=HIDDEN, intermediate_size=N_FF,
+                      num_hidden_layers=N_LAYER, num_attention_heads=N_HEAD, num_key_value_heads=N_HEAD_KV,
+                      max_position_embeddings=N_CTX, rms_norm_eps=1e-6,
+                      rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+                      tie_word_embeddings=True, bos_token_id=eot, eos_token_id=eos)
+    cfg.architectures = ["Qwen2ForCausalLM"]
+    model = Qwen2ForCausalLM(cfg).eval()
+    _save_model(model, out, {"bos_token_id": eot, "eos_token_id": [eos, eot]})
+    return out
+
+
+def _gemma3_text_kwargs(n_vocab: int) -> dict:
+    return dict(vocab_size=n_vocab, hidden_size=HIDDEN, intermediate_size=N_FF, num_hidden_layers=N_LAYER,
+                num_attention_heads=N_HEAD, num_key_value_heads=N_HEAD_KV, head_dim=16,
+                max_position_embeddings=N_CTX, rms_norm_eps=1e-6, sliding_window=8,
+                layer_types=["sliding_attention", "full_attention"],
+                # 1/sqrt(query_pre_attn_scalar) is the attention scale; = head_dim like Gemma 3 270M/1B/4B/12B.
+                query_pre_attn_scalar=16,
+                rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                 "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}},
+                pad_token_id=0, eos_token_id=1, bos_token_id=2)
+
+
+def make_tiny_gemma3(out_dir, *, conditional: bool = False) -> Path:
+    """Tiny Gemma3ForCausalLM (head_dim 16, sliding window 8, layers [sliding, full]) + Gemma-style SPM.
+
+    conditional=True saves a Gemma3ForConditionalGeneration (tiny SigLIP tower + projector) instead; its text
+    weights come from the same seed, so both convert to the same text GGUF tensors.
+    """
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    n_vocab = _train_spm(out, vocab_size=VOCAB, style="gemma")
+    import sentencepiece as spm
+    sp = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
+    sot, eot = sp.piece_to_id("<start_of_turn>"), sp.piece_to_id("<end_of_turn>")
+    added = {str(i): {"content": sp.id_to_piece(i), "special": True, "lstrip": False, "rstrip": False,
+                      "normalized": False, "single_word": False} for i in (0, 1, 2, 3, sot, eot)}
+    _write_json(out / "tokenizer_config.json", {
+        "add_bos_token": True, "add_eos_token": False, "bos_token": "<bos>", "eos_token": "<eos>",
+        "pad_token": "<pad>", "unk_token": "<unk>", "model_max_length": N_CTX, "spaces_between_special_tokens": False,
+        "added_tokens_decoder": added})
+
+    torch.manual_seed(0)
+    text_cfg = Gemma3TextConfig(**_gemma3_text_kwargs(n_vocab))
+    text_model = Gemma3ForCausalLM(text_cfg).eval()
+    if not conditional:
+        text_cfg.architectures = ["Gemma3ForCausalLM"]
+        _save_model(text_model, out, {"bos_token_id": 2, "eos_token_id": [1, eot], "pad_token_id": 0})
+        return out
+
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, SiglipVisionConfig
+    vis = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                             image_size=64, patch_size=16, vision_use_head=False)
+    cfg = Gemma3Config(text_config=Gemma3TextConfig(**_gemma3_text_kwargs(n_vocab)).to_dict(),
+                       vision_config=vis.to_dict(), mm_tokens_per_image=4, image_token_index=n_vocab - 1,
+                       boi_token_index=sot, eoi_token_index=eot)
+    cfg.architectures = ["Gemma3ForConditionalGeneration"]
+    torch.manual_seed(0)
+    model = Gemma3ForConditionalGeneration(cfg).eval()
+    # Same text weights as the CausalLM variant (so both convert to identical text tensors).
+    model.model.language_model.load_state_dict(text_model.model.state_dict())
+    _save_model(model, out, {"bos_token_id": 2, "eos_token_id": [1, eot], "pad_token_id": 0})
+    return out
+
+
+def load_hf(model_dir):
+    """The saved checkpoint as an fp32 HF model in eval mode (for parity tests)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()

@@ -1,0 +1,33 @@
+"""Convert a Hugging Face checkpoint folder (safetensors) to GGUF (llama, qwen2, gemma3)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from .hf_to_gguf import ARCHS, OUTTYPES
+
+    p.description = ("Convert a Hugging Face checkpoint folder to a GGUF file that llama.cpp and vlm load. "
+                     f"Architectures: {', '.join(ARCHS)}.")
+    p.add_argument("hf_dir", type=Path, help="folder with config.json, *.safetensors and tokenizer files")
+    p.add_argument("-o", "--outfile", type=Path, default=None,
+                   help="output .gguf path (default: HF_DIR/<name>-<outtype>.gguf)")
+    p.add_argument("--outtype", default="f16", type=str.lower, choices=sorted(OUTTYPES),
+                   help="tensor type of the weights (default f16; K-quants use llama-quantize's mix rules)")
+    p.add_argument("--no-progress", action="store_true", help="do not show a progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .hf_to_gguf import convert
+    from .tokenizer_meta import TokenizerError
+
+    out = args.outfile or (args.hf_dir / f"{args.hf_dir.resolve().name}-{args.outtype}.gguf")
+    try:
+        path = convert(args.hf_dir, out, args.outtype, progress=not args.no_progress)
+    except (FileNotFoundError, ValueError, TokenizerError) as e:
+        print(f"vlm convert: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+    return 0
