@@ -37,8 +37,9 @@ def layer_norm(x, weight, bias, eps, *, residual=None):
     return _call("layer_norm", x, weight, bias, eps, residual=residual)
 
 
-def rope(x, positions, *, theta, mode="normal", sections=None, freq_factors=None):
-    return _call("rope", x, positions, theta=theta, mode=mode, sections=sections, freq_factors=freq_factors)
+def rope(x, positions, *, theta, mode="normal", sections=None, freq_factors=None, n_rot=None):
+    return _call("rope", x, positions, theta=theta, mode=mode, sections=sections, freq_factors=freq_factors,
+                 n_rot=n_rot)
 
 
 def patch_embed(pixels, weight, bias=None, pos_embed=None, **kw):
