@@ -294,3 +294,119 @@ def load_hf(model_dir):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# vision-language models (mmproj tests): text half + tiny vision tower + projector, plus preprocessor_config.json
+# ----------------------------------------------------------------------------------------------------------
+def _perturb(module, seed: int, scale: float = 0.05) -> None:
+    """Add seeded noise to every parameter of `module`: HF's init leaves biases at 0 and norm weights at 1 (or 0
+    for Gemma's (1 + w) norms), which would let a dropped bias or a missing ``+ 1`` go unnoticed in parity tests."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype) * scale)
+
+
+def _image_processor(name: str):
+    """transformers' `<name>Pil` class (no torchvision needed; transformers >= 5.x), else `<name>`."""
+    import transformers
+
+    return getattr(transformers, name + "Pil", None) or getattr(transformers, name)
+
+
+def _llama_text_config(n_vocab: int, **kw):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=n_vocab, hidden_size=HIDDEN, intermediate_size=N_FF, num_hidden_layers=N_LAYER,
+                       num_attention_heads=N_HEAD, num_key_value_heads=N_HEAD_KV, max_position_embeddings=N_CTX,
+                       rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                       tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, **kw)
+
+
+def _llama_spm_tokenizer(out: Path) -> int:
+    n_vocab = _train_spm(out, vocab_size=VOCAB, style="llama")
+    _write_json(out / "tokenizer_config.json", {
+        "add_bos_token": True, "add_eos_token": False, "bos_token": "<s>", "eos_token": "</s>",
+        "unk_token": "<unk>", "model_max_length": N_CTX, "legacy": True})
+    return n_vocab
+
+
+def make_tiny_llava(out_dir, *, vision_feature_layer=-1, image_size: int = 28) -> Path:
+    """Tiny LLaVA-1.5 (LlavaForConditionalGeneration): CLIP ViT (hidden 32, ffn 64, 2 layers, 2 heads, patch 14,
+    quick-GELU, CLS + pre-LN), 2-layer GELU MLP projector to the tiny llama text model (hidden 64).
+    image 28 -> 4 image tokens; image_token_index = last vocab id. Writes a CLIPImageProcessor config."""
+    import torch
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    n_vocab = _llama_spm_tokenizer(out)
+    vis = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=image_size, patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+                           projection_dim=64)
+    n_side = image_size // 14
+    cfg = LlavaConfig(text_config=_llama_text_config(n_vocab).to_dict(), vision_config=vis.to_dict(),
+                      image_token_index=n_vocab - 1, image_seq_length=n_side * n_side,
+                      vision_feature_layer=vision_feature_layer, vision_feature_select_strategy="default",
+                      projector_hidden_act="gelu")
+    cfg.architectures = ["LlavaForConditionalGeneration"]
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(cfg).eval()
+    _perturb(model.model.vision_tower, 1)
+    _perturb(model.model.multi_modal_projector, 2)
+    _save_model(model, out, {"bos_token_id": 1, "eos_token_id": 2})
+    _image_processor("CLIPImageProcessor")(size={"shortest_edge": image_size},
+                       crop_size={"height": image_size, "width": image_size}).save_pretrained(str(out))
+    return out
+
+
+def make_tiny_gemma3_vlm(out_dir) -> Path:
+    """``make_tiny_gemma3(conditional=True)`` (SigLIP hidden 32, 2 layers, image 64, patch 16 -> 4×4 patches,
+    mm_tokens_per_image 4 -> 2×2 avg-pool) with perturbed vision/projector weights and a Gemma3ImageProcessor
+    config (64×64, image_seq_length 4). The text weights stay those of the CausalLM variant."""
+    import torch
+    from transformers import Gemma3ForConditionalGeneration
+
+    out = make_tiny_gemma3(out_dir, conditional=True)
+    model = Gemma3ForConditionalGeneration.from_pretrained(str(out), dtype=torch.float32).eval()
+    _perturb(model.model.vision_tower, 3)
+    _perturb(model.model.multi_modal_projector, 4)
+    gen = json.loads((out / "generation_config.json").read_text(encoding="utf-8"))
+    for f in out.glob("model*.safetensors"):
+        f.unlink()
+    _save_model(model, out, {k: gen[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in gen})
+    proc = _image_processor("Gemma3ImageProcessor")(size={"height": 64, "width": 64})
+    proc.save_pretrained(str(out))
+    pc = json.loads((out / "preprocessor_config.json").read_text(encoding="utf-8"))
+    pc["image_seq_length"] = 4   # what Gemma3Processor stores next to the image processor keys
+    _write_json(out / "preprocessor_config.json", pc)
+    return out
+
+
+def make_tiny_idefics3(out_dir, *, scale_factor: int = 2) -> Path:
+    """Tiny Idefics3ForConditionalGeneration (SmolVLM layout): SigLIP-style vision (hidden 32, ffn 64, 2 layers,
+    2 heads, image 64, patch 16 -> 4×4 patches, post-LN), pixel shuffle `scale_factor` -> 4 tokens per tile,
+    bias-free `modality_projection` to the tiny llama text model. image_token_id = last vocab id.
+    Writes an Idefics3ImageProcessor config (tile 64, longest_edge 128)."""
+    import torch
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3VisionConfig
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    n_vocab = _llama_spm_tokenizer(out)
+    vis = Idefics3VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                               image_size=64, patch_size=16, layer_norm_eps=1e-6)
+    cfg = Idefics3Config(text_config=_llama_text_config(n_vocab).to_dict(), vision_config=vis.to_dict(),
+                         scale_factor=scale_factor, image_token_id=n_vocab - 1)
+    cfg.architectures = ["Idefics3ForConditionalGeneration"]
+    torch.manual_seed(0)
+    model = Idefics3ForConditionalGeneration(cfg).eval()
+    _perturb(model.model.vision_model, 5)
+    _perturb(model.model.connector, 6)
+    _save_model(model, out, {"bos_token_id": 1, "eos_token_id": 2})
+    _image_processor("Idefics3ImageProcessor")(size={"longest_edge": 128},
+                                               max_image_size={"longest_edge": 64}).save_pretrained(str(out))
+    return out

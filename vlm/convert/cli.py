@@ -1,4 +1,4 @@
-"""Convert a Hugging Face checkpoint folder (safetensors) to GGUF (llama, qwen2, gemma3)."""
+"""Convert a Hugging Face checkpoint folder (safetensors) to GGUF (llama, qwen2, gemma3; --mmproj: vision part)."""
 from __future__ import annotations
 
 import argparse
@@ -8,14 +8,19 @@ from pathlib import Path
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from .hf_to_gguf import ARCHS, OUTTYPES
+    from .mmproj import SPECS
 
     p.description = ("Convert a Hugging Face checkpoint folder to a GGUF file that llama.cpp and vlm load. "
-                     f"Architectures: {', '.join(ARCHS)}.")
+                     f"Architectures: {', '.join(ARCHS)}. With --mmproj, write the vision tower + projector "
+                     f"instead (llama.cpp's mmproj file) for: {', '.join(SPECS)}.")
     p.add_argument("hf_dir", type=Path, help="folder with config.json, *.safetensors and tokenizer files")
     p.add_argument("-o", "--outfile", type=Path, default=None,
-                   help="output .gguf path (default: HF_DIR/<name>-<outtype>.gguf)")
+                   help="output .gguf path (default: HF_DIR/<name>-<outtype>.gguf, mmproj-<name>-<outtype>.gguf)")
     p.add_argument("--outtype", default="f16", type=str.lower, choices=sorted(OUTTYPES),
-                   help="tensor type of the weights (default f16; K-quants use llama-quantize's mix rules)")
+                   help="tensor type of the weights (default f16; K-quants use llama-quantize's mix rules; "
+                        "--mmproj takes f32, f16, bf16 or q8_0)")
+    p.add_argument("--mmproj", action="store_true",
+                   help="write the multimodal projector GGUF (general.architecture = clip) instead of the text model")
     p.add_argument("--no-progress", action="store_true", help="do not show a progress bar")
 
 
@@ -23,9 +28,15 @@ def run(args: argparse.Namespace) -> int:
     from .hf_to_gguf import convert
     from .tokenizer_meta import TokenizerError
 
-    out = args.outfile or (args.hf_dir / f"{args.hf_dir.resolve().name}-{args.outtype}.gguf")
+    name = args.hf_dir.resolve().name
     try:
-        path = convert(args.hf_dir, out, args.outtype, progress=not args.no_progress)
+        if args.mmproj:
+            from .mmproj import convert_mmproj
+            out = args.outfile or (args.hf_dir / f"mmproj-{name}-{args.outtype}.gguf")
+            path = convert_mmproj(args.hf_dir, out, args.outtype, progress=not args.no_progress)
+        else:
+            out = args.outfile or (args.hf_dir / f"{name}-{args.outtype}.gguf")
+            path = convert(args.hf_dir, out, args.outtype, progress=not args.no_progress)
     except (FileNotFoundError, ValueError, TokenizerError) as e:
         print(f"vlm convert: error: {e}", file=sys.stderr)
         return 2
