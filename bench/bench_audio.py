@@ -19,6 +19,16 @@ them), timed with triton.testing.do_bench (median).
 Metrics: ms, x realtime (audio seconds per wall second), speedup vs hf. Log-mel is a few passes over ~1.5 MB per
 chunk, far from any FLOP or HBM roof, so no roofline % is reported.
 Results: <out>/audio.csv (appended, part=logmel) and <out>/audio_logmel.png.
+
+Encoder section (--part encoder|all): the Whisper encoder (vlm.encoders.whisper, bare tower: conv stem, pre-LN
+blocks with one varlen kernels.attention call per layer over all chunks, final LN) vs transformers' WhisperEncoder
+(sdpa attention) with the SAME random weights, on the same log-mel chunks (3 rotating input sets):
+  base      Whisper base shape      d 512, 6 layers, 8 heads, ffn 2048, 80 mels
+  large-v3  Whisper large-v3 shape  d 1280, 32 layers, 20 heads, ffn 5120, 128 mels   (CUDA only)
+CUDA: bf16, batches of 1 and 8 30 s chunks (do_bench median); CPU: base only, fp32, 1 chunk (median of a few).
+Metrics: ms, audio seconds per wall second, speedup vs hf, TFLOP/s and % of the bf16 dense peak (H100/H200 SXM
+989 TFLOP/s; FLOPs = 2·MACs of convs, projections, FFN and attention). The issue's target: >= 2x hf on a GPU.
+Results: <out>/audio.csv (part=encoder) and <out>/audio_encoder.png.
 """
 from __future__ import annotations
 
@@ -140,11 +150,99 @@ def run(quick: bool, threads: list) -> list:
     return rows
 
 
+ENCODER_SHAPES = {   # name -> (d_model, layers, heads, ffn, n_mels)
+    "base": (512, 6, 8, 2048, 80),
+    "large-v3": (1280, 32, 20, 5120, 128),
+}
+PEAK_BF16_TFLOPS = 989.0      # H100 / H200 SXM dense bf16
+
+
+def encoder_flops(d: int, n_layer: int, ffn: int, n_mels: int, n_chunks: int, n_frames: int = 3000) -> float:
+    n = (n_frames - 1) // 2 + 1                        # encoder positions per chunk (1500)
+    conv = 2 * n_frames * n_mels * 3 * d + 2 * n * 3 * d * d
+    layer = 2 * n * (4 * d * d + 2 * d * ffn) + 4 * n * n * d     # q,k,v,o + fc1,fc2 + QK^T and PV
+    return float(n_chunks * (conv + n_layer * layer))
+
+
+def _encoder_pair(shape: str, device: str, dtype):
+    """(ours, hf, n_mels): Whisper encoders of the named shape sharing the same random weights."""
+    from transformers import WhisperConfig
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+    from vlm.convert.mmproj_audio import whisper_tensor_name
+    from vlm.encoders.whisper import AudioConfig, AudioEncoder
+
+    d, n_layer, n_head, ffn, n_mels = ENCODER_SHAPES[shape]
+    torch.manual_seed(0)
+    cfg = WhisperConfig(d_model=d, encoder_layers=n_layer, encoder_attention_heads=n_head, encoder_ffn_dim=ffn,
+                        num_mel_bins=n_mels, max_source_positions=1500, attn_implementation="sdpa")
+    with torch.device(device):                         # random init on the GPU: large-v3 is 635M parameters
+        hf = WhisperEncoder(cfg).eval()
+    weights = {whisper_tensor_name(k): v.detach().float() for k, v in hf.state_dict().items()}
+    acfg = AudioConfig(projector_type="", n_mels=n_mels, n_embd=d, n_ff=ffn, n_layer=n_layer, n_head=n_head,
+                       head_dim=d // n_head, eps=1e-5)
+    ours = AudioEncoder.from_weights(acfg, weights, device=device, dtype=dtype)
+    hf = hf.to(device=device, dtype=dtype)
+    return ours, hf, n_mels
+
+
+def run_encoder(quick: bool, threads: list) -> list:
+    try:
+        import transformers  # noqa: F401
+    except Exception as e:  # pragma: no cover
+        print(f"transformers unavailable ({e}): no encoder rows")
+        return []
+    rows = []
+    if HAS_CUDA:
+        configs = [(shape, "cuda", torch.bfloat16, (1,) if quick else (1, 8)) for shape in ENCODER_SHAPES]
+    else:
+        configs = [("base", "cpu", torch.float32, (1,))]
+    for shape, device, dtype, batches in configs:
+        ours, hf, n_mels = _encoder_pair(shape, device, dtype)
+        for n_chunks in batches:
+            rows += _bench_encoder(shape, device, ours, hf, n_mels, n_chunks, quick, threads)
+            print(f"  encoder {shape} x{n_chunks} on {device} done", flush=True)
+        del ours, hf
+        if HAS_CUDA:
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _bench_encoder(shape, device, ours, hf, n_mels, n_chunks, quick, threads) -> list:
+    rows, dtype = [], ours.dtype
+    g = torch.Generator().manual_seed(1)
+    bufs = [(torch.randn(n_chunks, n_mels, 3000, generator=g) * 0.5).to(device) for _ in range(N_BUFFERS)]
+    hf_bufs = [b.to(dtype) for b in bufs]
+    audio_s = 30.0 * n_chunks
+    flops = encoder_flops(*[ENCODER_SHAPES[shape][i] for i in (0, 1, 3, 4)], n_chunks)
+
+    def ours_fn(x):
+        return ours.encode(x)
+
+    def hf_fn(x):
+        with torch.inference_mode():
+            return hf(x).last_hidden_state
+    if device == "cuda":
+        ms = {"ours": bench_cuda(ours_fn, bufs), "hf": bench_cuda(hf_fn, hf_bufs)}
+        n_thr = max(threads)
+    else:
+        n_thr = max(threads)
+        torch.set_num_threads(n_thr)
+        ms = bench_cpu({"ours": ours_fn, "hf": hf_fn}, {"ours": bufs, "hf": hf_bufs}, 3 if quick else 5)
+    for prov, v in ms.items():
+        tflops = flops / (v / 1e3) / 1e12
+        rows.append(dict(part="encoder", case=f"{shape} x{n_chunks}", n_mels=n_mels, audio_s=audio_s,
+                         device=device, threads=n_thr, provider=prov, ms=v, x_realtime=audio_s / (v / 1e3),
+                         speedup_vs_hf=ms["hf"] / v, tflops=tflops,
+                         pct_peak=100 * tflops / PEAK_BF16_TFLOPS if device == "cuda" else None))
+    return rows
+
+
 def _fmt(v):
     return f"{v:.6g}" if isinstance(v, float) else v
 
 
-def plot(rows, path, title):
+def plot(rows, path, title, provs=("ours", "ours_llama", "hf")):
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -152,7 +250,6 @@ def plot(rows, path, title):
     except Exception as e:  # pragma: no cover
         print(f"no plot ({e})")
         return
-    provs = ["ours", "ours_llama", "hf"]
     by = {}
     for r in rows:
         lab = f"{r['case']} {r['n_mels']}\n{r['device']}" + (f" {r['threads']}t" if r["device"] == "cpu" else "")
@@ -161,7 +258,8 @@ def plot(rows, path, title):
     fig, ax = plt.subplots(figsize=(max(8, 1.0 * len(labels)), 4.5))
     width = 0.27
     for i, p in enumerate(provs):
-        ax.bar([j + (i - 1) * width for j in range(len(labels))], [by[lab].get(p) or 0.0 for lab in labels],
+        ax.bar([j + (i - (len(provs) - 1) / 2) * width for j in range(len(labels))],
+               [by[lab].get(p) or 0.0 for lab in labels],
                width, label=p)
     ax.set_yscale("log")
     ax.set_ylabel("ms (median, lower is better)")
@@ -179,6 +277,7 @@ def main():
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
     ap.add_argument("--quick", action="store_true", help="5 reps instead of 15")
     ap.add_argument("--threads", default="1,2", help="comma-separated CPU thread counts (default 1,2)")
+    ap.add_argument("--part", default="all", choices=["all", "logmel", "encoder"], help="which section to run")
     args = ap.parse_args()
     threads = [int(t) for t in args.threads.split(",") if t.strip()]
     os.makedirs(args.out, exist_ok=True)
@@ -191,19 +290,44 @@ def main():
     name = f"{torch.cuda.get_device_name()} + {cpu}" if HAS_CUDA else f"{cpu} ({os.cpu_count()} cores)"
     sha, date = git_sha(), datetime.datetime.now().isoformat(timespec="seconds")
     t0 = time.time()
-    rows = run(args.quick, threads)
+    rows = run(args.quick, threads) if args.part in ("all", "logmel") else []
+    enc_rows = run_encoder(args.quick, threads) if args.part in ("all", "encoder") else []
 
     fields = ["device_name", "git_sha", "date", "part", "case", "n_mels", "audio_s", "device", "threads", "provider",
-              "ms", "x_realtime", "speedup_vs_hf"]
+              "ms", "x_realtime", "speedup_vs_hf", "tflops", "pct_peak"]
     path = os.path.join(args.out, "audio.csv")
-    new = not os.path.exists(path)
-    with open(path, "a", newline="") as f:
+    old_rows = []
+    if os.path.exists(path):                           # a file from before the encoder columns: upgrade its header
+        with open(path, newline="") as f:
+            rd = csv.DictReader(f)
+            if rd.fieldnames != fields:
+                old_rows = list(rd)
+    new = not os.path.exists(path) or bool(old_rows)
+    with open(path, "w" if old_rows else "a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         if new:
             w.writeheader()
-        for r in rows:
+        w.writerows(old_rows)
+        for r in rows + enc_rows:
             w.writerow({"device_name": name, "git_sha": sha, "date": date, **{k: _fmt(v) for k, v in r.items()}})
-    plot(rows, os.path.join(args.out, "audio_logmel.png"), f"Whisper log-mel — {name}")
+    if rows:
+        plot(rows, os.path.join(args.out, "audio_logmel.png"), f"Whisper log-mel — {name}")
+    if enc_rows:
+        plot(enc_rows, os.path.join(args.out, "audio_encoder.png"), f"Whisper encoder — {name}", ("ours", "hf"))
+        print(f"\nWhisper encoder on {name}")
+        print(f"{'case':<14}{'device':>7}{'ours ms':>10}{'hf ms':>10}{'x hf':>7}{'ours x realtime':>17}"
+              f"{'TFLOP/s':>9}{'% peak':>8}")
+        by_e = {}
+        for r in enc_rows:
+            by_e.setdefault((r["case"], r["device"]), {})[r["provider"]] = r
+        for (case, dev), d in by_e.items():
+            o, h = d["ours"], d["hf"]
+            pct = f"{o['pct_peak']:.1f}" if o["pct_peak"] is not None else "-"
+            print(f"{case:<14}{dev:>7}{o['ms']:>10.2f}{h['ms']:>10.2f}{o['speedup_vs_hf']:>7.2f}"
+                  f"{o['x_realtime']:>17.0f}{o['tflops']:>9.1f}{pct:>8}")
+        print("target: encoder >= 2x hf on a GPU.")
+    if not rows:
+        return
 
     print(f"\nlog-mel on {name} ({sha}, {date}), total {time.time() - t0:.1f} s")
     print(f"{'case':<7}{'mels':>5}{'device':>8}{'thr':>4}{'ours ms':>9}{'llama ms':>9}{'hf ms':>9}{'x hf':>7}"

@@ -16,7 +16,7 @@ run() { local name=$1 lim=$2; shift 2; echo "=== $name (limit ${lim}s)"; s=$(dat
         timeout "$lim" "$@" >"$OUT/results/$name.log" 2>&1; rc=$?
         echo "=== $name rc=$rc $(( $(date +%s) - s ))s"; tail -n 25 "$OUT/results/$name.log"; }
 run gpu_tests 240 python3 -m pytest -q -m gpu tests -p no:cacheprovider -o addopts=""
-for b in qmatmul attention patch_embed norm_rope dequant; do
+for b in qmatmul attention patch_embed norm_rope dequant audio; do
   [ -f bench/bench_$b.py ] && run bench_$b 120 python3 bench/bench_$b.py --out "$OUT/results"
 done
 echo "total $(( $(date +%s) - t0 ))s"

@@ -410,3 +410,98 @@ def make_tiny_idefics3(out_dir, *, scale_factor: int = 2) -> Path:
     _image_processor("Idefics3ImageProcessor")(size={"longest_edge": 128},
                                                max_image_size={"longest_edge": 64}).save_pretrained(str(out))
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# audio-language models (audio mmproj tests): Whisper-style encoder + projector
+# ----------------------------------------------------------------------------------------------------------
+def tiny_whisper_config(*, num_mel_bins: int = 80, max_source_positions: int = 50):
+    """WhisperConfig of the tiny encoder (toolchain.md): d_model 32, 2 encoder + 2 decoder layers, 2 heads, ffn 64.
+    Its encoder takes 2 x max_source_positions mel frames (100 by default: a 1 s chunk)."""
+    from transformers import WhisperConfig
+
+    return WhisperConfig(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+                         decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=num_mel_bins,
+                         max_source_positions=max_source_positions, max_target_positions=64, vocab_size=VOCAB,
+                         pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=3)
+
+
+def make_tiny_qwen2_audio(out_dir, *, max_source_positions: int = 50) -> Path:
+    """Tiny Qwen2AudioForConditionalGeneration: audio encoder (128 mel bins, d_model 32, 2 layers, 2 heads, ffn 64,
+    ``max_source_positions`` positions -> chunks of 2 x that many frames, 100 = 1 s by default) + linear projector to
+    the tiny Qwen2 text model (hidden 64, byte-level BPE with ``<|audio_bos|> <|AUDIO|> <|audio_eos|>`` added).
+    Audio tower and projector weights are perturbed (no zero bias, no unit norm). Writes a WhisperFeatureExtractor
+    config whose chunk matches the encoder (chunk_length = max_source_positions / 50 s)."""
+    import torch
+    from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration, Qwen2Config, WhisperFeatureExtractor
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|audio_bos|>", "<|AUDIO|>", "<|audio_eos|>"]
+    tok = _train_bpe(VOCAB, QWEN2_SPLIT, specials)
+    eot, eos = tok.token_to_id("<|endoftext|>"), tok.token_to_id("<|im_end|>")
+    _save_fast(tok, out, eos_token="<|im_end|>", pad_token="<|endoftext|>", model_max_length=N_CTX,
+               chat_template=CHATML_TEMPLATE)
+    text = Qwen2Config(vocab_size=tok.get_vocab_size(), hidden_size=HIDDEN, intermediate_size=N_FF,
+                       num_hidden_layers=N_LAYER, num_attention_heads=N_HEAD, num_key_value_heads=N_HEAD_KV,
+                       max_position_embeddings=N_CTX, rms_norm_eps=1e-6,
+                       rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+                       tie_word_embeddings=False, bos_token_id=eot, eos_token_id=eos)
+    audio = dict(model_type="qwen2_audio_encoder", num_mel_bins=128, encoder_layers=2, encoder_attention_heads=2,
+                 encoder_ffn_dim=64, d_model=32, max_source_positions=max_source_positions)
+    cfg = Qwen2AudioConfig(audio_config=audio, text_config=text.to_dict(),
+                           audio_token_index=tok.token_to_id("<|AUDIO|>"))
+    cfg.architectures = ["Qwen2AudioForConditionalGeneration"]
+    torch.manual_seed(0)
+    model = Qwen2AudioForConditionalGeneration(cfg).eval()
+    _perturb(model.model.audio_tower, 7)
+    _perturb(model.model.multi_modal_projector, 8)
+    _save_model(model, out, {"bos_token_id": eot, "eos_token_id": [eos, eot]})
+    WhisperFeatureExtractor(feature_size=128, chunk_length=max(1, max_source_positions // 50)).save_pretrained(str(out))
+    return out
+
+
+ULTRAVOX_HIDDEN = 128      # projector width before SwiGLU (config "hidden_size"); 64 after it
+
+
+def make_tiny_ultravox(out_dir, *, stack_factor: int = 8, max_source_positions: int = 50,
+                       with_text: bool = False) -> Path:
+    """Ultravox v0.5-shaped checkpoint (fixie-ai's UltravoxModel has no transformers class): the files a released
+    Ultravox holds — config.json (``architectures = ["UltravoxModel"]``, inline ``audio_config`` = the tiny
+    WhisperConfig, ``text_config``, projector keys) and model.safetensors with only ``audio_tower.*`` (an HF
+    WhisperEncoder) and ``multi_modal_projector.{ln_pre, linear_1, ln_mid, linear_2}`` (the text model is loaded
+    from ``text_model_id``; llama.cpp runs Ultravox with a stock Llama GGUF). Projector: stack ``stack_factor``
+    frames (32·s) -> RMSNorm -> linear_1 (-> 128, no bias) -> SwiGLU (-> 64) -> RMSNorm -> linear_2 (-> 64 = the
+    tiny llama's hidden size, no bias). ``with_text=True`` also writes make_tiny_llama(out_dir / "text")."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    wcfg = tiny_whisper_config(max_source_positions=max_source_positions)
+    torch.manual_seed(0)
+    enc = WhisperEncoder(wcfg).eval()
+    _perturb(enc, 9)
+    d_in = wcfg.d_model * stack_factor
+    g = torch.Generator().manual_seed(10)
+    proj = {
+        "ln_pre.weight": 0.4 + 0.05 * torch.randn(d_in, generator=g),          # norm_init 0.4 (+ noise)
+        "linear_1.weight": torch.randn(ULTRAVOX_HIDDEN, d_in, generator=g) * d_in ** -0.5,
+        "ln_mid.weight": 0.4 + 0.05 * torch.randn(ULTRAVOX_HIDDEN // 2, generator=g),
+        "linear_2.weight": torch.randn(HIDDEN, ULTRAVOX_HIDDEN // 2, generator=g) * (ULTRAVOX_HIDDEN // 2) ** -0.5,
+    }
+    tensors = {f"audio_tower.{k}": v.contiguous() for k, v in enc.state_dict().items()}
+    tensors.update({f"multi_modal_projector.{k}": v.contiguous() for k, v in proj.items()})
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    text_cfg = _llama_text_config(VOCAB).to_dict()
+    _write_json(out / "config.json", {
+        "architectures": ["UltravoxModel"], "model_type": "ultravox",
+        "audio_model_id": None, "text_model_id": None,
+        "audio_config": wcfg.to_dict(), "text_config": text_cfg,
+        "hidden_size": ULTRAVOX_HIDDEN, "stack_factor": stack_factor, "projector_act": "swiglu",
+        "projector_ln_mid": True, "norm_init": 0.4, "ignore_index": -100, "audio_latency_block_size": None,
+        "torch_dtype": "float32", "transformers_version": "4.47.0"})
+    if with_text:
+        make_tiny_llama(out / "text")
+    return out

@@ -10,6 +10,8 @@ LlavaForConditionalGeneration       mlp                tools/mtmd/legacy-models/
 Gemma3ForConditionalGeneration      gemma3             conversion/gemma.py Gemma3VisionModel
 Idefics3ForConditionalGeneration,   idefics3           conversion/smolvlm.py SmolVLMModel
 SmolVLMForConditionalGeneration
+Qwen2AudioForConditionalGeneration, qwen2a, ultravox   audio: Whisper encoder + projector, see mmproj_audio.py
+UltravoxModel
 ==================================  =================  ===========================================================
 
 File facts (what vlm.encoders reads, and llama.cpp's clip.cpp too):
@@ -211,8 +213,12 @@ def convert_mmproj(hf_dir, out_path, outtype: str = "f32", *, progress: bool = F
         raise FileNotFoundError(f"{hf_dir}: not a Hugging Face checkpoint folder (no config.json)")
     cfg = _read_json(hf_dir / "config.json")
     arch = (cfg.get("architectures") or [None])[0]
+    from .mmproj_audio import AUDIO_SPECS, convert_audio_mmproj
+    if arch in AUDIO_SPECS:     # Qwen2-Audio, Ultravox: Whisper encoder + audio projector (mmproj_audio.py)
+        return convert_audio_mmproj(hf_dir, out_path, outtype, progress=progress)
     if arch not in SPECS:
-        raise ConvertError(f"--mmproj: unsupported architecture {arch!r}; supported: {', '.join(SPECS)}")
+        raise ConvertError(f"--mmproj: unsupported architecture {arch!r}; supported: "
+                           f"{', '.join(list(SPECS) + list(AUDIO_SPECS))}")
     spec = SPECS[arch]
     if "vision_config" not in cfg:
         raise ConvertError(f"{hf_dir}/config.json has no vision_config: not a vision-language checkpoint")
