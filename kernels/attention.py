@@ -313,6 +313,8 @@ _CU_CACHE: list[tuple[weakref.ref, int, torch.Tensor]] = []  # (tensor, version,
 
 
 def _cu_host_values(cu: torch.Tensor) -> torch.Tensor:
+    if cu.is_inference():  # inference tensors keep no version counter: cannot tell if it changed, so re-read
+        return cu.cpu()
     for ref, version, host in _CU_CACHE:
         if ref() is cu and version == cu._version:
             return host

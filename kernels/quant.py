@@ -396,6 +396,7 @@ _QUANT = {
     GGMLType.Q6_K: lambda x: _kq()._q_q6_k(x),
 }
 QUANTIZE_TYPES = tuple(_QUANT)
+K_QUANT_TYPES = (GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K)
 # Weights per quantize step: bounds the [n, G] temporaries of the K-quant searches to a few MiB each.
 _QUANT_CHUNK = 1 << 21
 
@@ -417,6 +418,11 @@ def quantize(tensor: torch.Tensor, qtype: GGMLType) -> QTensor:
     if qtype not in FLOAT_TYPES and x.numel() and not bool(torch.isfinite(x).all()):
         raise ValueError(f"quantize to {qtype.name}: the tensor has inf or NaN values")
     step = max(1, _QUANT_CHUNK // bs)
+    device = x.device
+    if qtype in K_QUANT_TYPES and device.type != "cpu":
+        # Measured on an H100: CUDA's float kernels round differently from the C reference in the K-quant scale
+        # searches (Q2_K bytes differed from the CPU/C bytes), so the K-quant search always runs on the CPU.
+        x = x.cpu()
     parts = [_QUANT[qtype](x[s:s + step]) for s in range(0, x.shape[0], step)]
-    data = torch.cat(parts) if parts else torch.zeros((0, ts), dtype=torch.uint8, device=x.device)
+    data = torch.cat(parts).to(device) if parts else torch.zeros((0, ts), dtype=torch.uint8, device=device)
     return QTensor(data.reshape(-1, rb), qtype, shape)
