@@ -505,3 +505,55 @@ def make_tiny_ultravox(out_dir, *, stack_factor: int = 8, max_source_positions: 
     if with_text:
         make_tiny_llama(out / "text")
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Qwen2-VL / Qwen2.5-VL (dynamic-resolution ViT + 2×2 merger, M-RoPE text)
+# ----------------------------------------------------------------------------------------------------------
+QWEN_VL_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                    "<|image_pad|>", "<|video_pad|>"]
+
+
+def make_tiny_qwen2_vl(out_dir, *, version: str = "2") -> Path:
+    """Tiny Qwen2VLForConditionalGeneration (version "2") or Qwen2_5_VLForConditionalGeneration ("2.5").
+
+    Text: the tiny Qwen2 shape (hidden 64, 2 layers, 4 heads / 2 KV heads, head_dim 16) with M-RoPE
+    mrope_section [2, 3, 3]. Vision (patch 14, merge 2, temporal 2, 2 heads, depth 2):
+      2:   embed_dim 32, mlp_ratio 2, quick-GELU, LayerNorm; merger LayerNorm -> 64.
+      2.5: hidden 32, intermediate 64, SiLU-gated FFN, RMSNorm, window_size 56 (2×2 merged tokens per window),
+           fullatt_block_indexes [1] (layer 0 windowed, layer 1 full); merger RMSNorm -> 64.
+    Vision and merger weights are perturbed (no zero bias / unit norm). Writes a Qwen2VLImageProcessor config."""
+    import torch
+    import transformers
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = _train_bpe(VOCAB, QWEN2_SPLIT, QWEN_VL_SPECIALS)
+    ids = {s: tok.token_to_id(s) for s in QWEN_VL_SPECIALS}
+    _save_fast(tok, out, eos_token="<|im_end|>", pad_token="<|endoftext|>", model_max_length=N_CTX,
+               chat_template=CHATML_TEMPLATE)
+    text = dict(vocab_size=tok.get_vocab_size(), hidden_size=HIDDEN, intermediate_size=N_FF,
+                num_hidden_layers=N_LAYER, num_attention_heads=N_HEAD, num_key_value_heads=N_HEAD_KV,
+                max_position_embeddings=N_CTX, rms_norm_eps=1e-6,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+                bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"])
+    common = dict(depth=2, num_heads=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+    if version == "2":
+        vision = dict(embed_dim=32, hidden_size=HIDDEN, mlp_ratio=2, **common)
+        cfg_cls, model_cls = transformers.Qwen2VLConfig, transformers.Qwen2VLForConditionalGeneration
+    elif version == "2.5":
+        vision = dict(hidden_size=32, intermediate_size=64, out_hidden_size=HIDDEN, window_size=56,
+                      fullatt_block_indexes=[1], hidden_act="silu", tokens_per_second=2, **common)
+        cfg_cls, model_cls = transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLForConditionalGeneration
+    else:
+        raise ValueError(f"version must be '2' or '2.5', got {version!r}")
+    cfg = cfg_cls(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+                  video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                  vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
+    cfg.architectures = [model_cls.__name__]
+    torch.manual_seed(0)
+    model = model_cls(cfg).eval()
+    _perturb(model.model.visual, 9)
+    _save_model(model, out, {"bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"]})
+    _image_processor("Qwen2VLImageProcessor")().save_pretrained(str(out))
+    return out

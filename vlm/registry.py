@@ -11,6 +11,7 @@ from typing import Iterable
 TEXT_MODELS: dict[str, str] = {
     "llama": "vlm.models.llama:LlamaModel",      # Llama 2/3, Mistral, SmolLM, TinyLlama...
     "qwen2": "vlm.models.qwen2:Qwen2Model",
+    "qwen2vl": "vlm.models.qwen2vl:Qwen2VLModel",  # Qwen2-VL / Qwen2.5-VL text (M-RoPE)
     "gemma3": "vlm.models.gemma3:Gemma3Model",
 }
 
@@ -19,6 +20,8 @@ ENCODERS: dict[str, str] = {
     "mlp": "vlm.encoders.mlp:MlpEncoder",                 # LLaVA-1.5 (CLIP ViT + 2-layer MLP)
     "gemma3": "vlm.encoders.gemma3:Gemma3Encoder",        # Gemma 3 (SigLIP + avg-pool + soft-emb norm)
     "idefics3": "vlm.encoders.idefics3:Idefics3Encoder",  # Idefics3 / SmolVLM (SigLIP + pixel shuffle)
+    "qwen2vl_merger": "vlm.encoders.qwen2vl:Qwen2VLEncoder",      # Qwen2-VL (2-D RoPE ViT + 2×2 merger)
+    "qwen2.5vl_merger": "vlm.encoders.qwen2vl:Qwen25VLEncoder",   # Qwen2.5-VL (+ RMSNorm, SwiGLU, windows)
     # audio (Whisper encoder, vlm.encoders.whisper; open with load_audio_encoder)
     "ultravox": "vlm.encoders.ultravox:UltravoxEncoder",  # Ultravox v0.5 (stack 8 + RMSNorm + SwiGLU MLP)
     "qwen2a": "vlm.encoders.qwen2a:Qwen2AudioEncoder",    # Qwen2-Audio (avg-pool 2 + linear)

@@ -1,4 +1,4 @@
-"""Convert a Hugging Face checkpoint folder (safetensors) to GGUF (llama, qwen2, gemma3; --mmproj: vision part)."""
+"""Convert a Hugging Face checkpoint folder (safetensors) to GGUF (llama, qwen2, qwen2vl, gemma3; --mmproj: vision)."""
 from __future__ import annotations
 
 import argparse
@@ -9,10 +9,11 @@ from pathlib import Path
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from .hf_to_gguf import ARCHS, OUTTYPES
     from .mmproj import SPECS
+    from .mmproj_qwen import PROJECTORS as QWEN_VL
 
     p.description = ("Convert a Hugging Face checkpoint folder to a GGUF file that llama.cpp and vlm load. "
                      f"Architectures: {', '.join(ARCHS)}. With --mmproj, write the vision tower + projector "
-                     f"instead (llama.cpp's mmproj file) for: {', '.join(SPECS)}.")
+                     f"instead (llama.cpp's mmproj file) for: {', '.join(list(SPECS) + list(QWEN_VL))}.")
     p.add_argument("hf_dir", type=Path, help="folder with config.json, *.safetensors and tokenizer files")
     p.add_argument("-o", "--outfile", type=Path, default=None,
                    help="output .gguf path (default: HF_DIR/<name>-<outtype>.gguf, mmproj-<name>-<outtype>.gguf)")

@@ -9,7 +9,16 @@ LlamaForCausalLM, MistralForCausalLM llama      Llama 2/3, Mistral, SmolLM
 Qwen2ForCausalLM                    qwen2
 Gemma3ForCausalLM                   gemma3
 Gemma3ForConditionalGeneration      gemma3      text half only (vision tower / projector are skipped)
+LlavaForConditionalGeneration       llama       text half (``language_model.*``); qwen2 when text_config is qwen2
+Idefics3ForConditionalGeneration    llama       text half (``model.text_model.*``; SmolVLM / Idefics3)
+Qwen2AudioForConditionalGeneration  qwen2       text half (``language_model.*``)
+UltravoxModel                       llama       only if the checkpoint holds its text model (``language_model.*``);
+                                                released Ultravox files do not (llama.cpp refuses them too): convert
+                                                the Llama named by ``text_model_id`` instead
 ==================================  ==========  ==========================================================
+
+Multimodal wrappers: the vision / audio towers and projectors are skipped (``vlm convert --mmproj`` writes them);
+the text tensors lose their wrapper prefix (``language_model.``, ``model.text_model.`` -> ``model.``).
 
 What a GGUF reader (vlm/models/*) must know about the files written here -- the same facts hold for GGUFs made
 by llama.cpp, so the engine treats both alike:
@@ -94,14 +103,33 @@ ARCHS: dict[str, ArchSpec] = {
     "LlamaForCausalLM": ArchSpec(gguf.MODEL_ARCH.LLAMA, ("spm", "llama_hf", "gpt2"), permute_qk=True),
     "MistralForCausalLM": ArchSpec(gguf.MODEL_ARCH.LLAMA, ("spm", "llama_hf", "gpt2"), permute_qk=True),
     "Qwen2ForCausalLM": ArchSpec(gguf.MODEL_ARCH.QWEN2, ("spm", "gpt2")),
+    # Qwen2-VL and Qwen2.5-VL text: llama.cpp's arch `qwen2vl` for both (M-RoPE sections, see write_arch_params)
+    "Qwen2VLForConditionalGeneration": ArchSpec(gguf.MODEL_ARCH.QWEN2VL, ("spm", "gpt2")),
+    "Qwen2_5_VLForConditionalGeneration": ArchSpec(gguf.MODEL_ARCH.QWEN2VL, ("spm", "gpt2")),
     "Gemma3ForCausalLM": ArchSpec(gguf.MODEL_ARCH.GEMMA3, ("spm", "gpt2"), norm_plus_one=True),
     "Gemma3ForConditionalGeneration": ArchSpec(gguf.MODEL_ARCH.GEMMA3, ("spm", "gpt2"), norm_plus_one=True),
+    # multimodal wrappers: the text half (the arch follows text_config.model_type, see arch_spec)
+    "LlavaForConditionalGeneration": ArchSpec(gguf.MODEL_ARCH.LLAMA, ("spm", "llama_hf", "gpt2"), permute_qk=True),
+    "Idefics3ForConditionalGeneration": ArchSpec(gguf.MODEL_ARCH.LLAMA, ("spm", "llama_hf", "gpt2"),
+                                                 permute_qk=True),
+    "Qwen2AudioForConditionalGeneration": ArchSpec(gguf.MODEL_ARCH.QWEN2, ("spm", "gpt2")),
+    "UltravoxModel": ArchSpec(gguf.MODEL_ARCH.LLAMA, ("spm", "llama_hf", "gpt2"), permute_qk=True),
 }
+# wrapper class -> text_config.model_type -> the text class whose spec applies (None: the wrapper's own spec)
+_WRAPPER_TEXT = {
+    "LlavaForConditionalGeneration": {"llama": None, "mistral": None, "qwen2": "Qwen2ForCausalLM"},
+    "Idefics3ForConditionalGeneration": {"llama": None},
+    "Qwen2AudioForConditionalGeneration": {"qwen2": None},
+    "UltravoxModel": {"llama": None, "mistral": None},
+}
+# prefixes of the text model inside multimodal wrappers (longest first), stripped to the plain text names
+_TEXT_PREFIXES = (("model.text_model.", "model."), ("model.language_model.", "model."),
+                  ("language_model.", ""))
 
 # HF tensors that are not part of the text model (llama.cpp's TextModel.filter_tensors, reduced to what the
 # supported checkpoints contain).
 _SKIP_SUBSTR = ("vision_tower.", "vision_model.", "multi_modal_projector.", "vision.", "visual.", "audio.",
-                "projector.", "patch_embed")
+                "projector.", "patch_embed", "audio_tower.", "model.connector.")
 _SKIP_SUFFIX = (".rotary_emb.inv_freq", ".attention.masked_bias", ".attention.bias")
 
 
@@ -114,7 +142,9 @@ def load_hparams(hf_dir: Path) -> dict:
     with open(cfg_path, encoding="utf-8") as f:
         cfg = json.load(f)
     if "text_config" in cfg:  # multimodal wrapper: the text model's hparams win (llama.cpp does the same)
-        cfg = {**cfg, **cfg["text_config"]}
+        text = cfg["text_config"] or {}
+        cfg = {**cfg, **text, "architectures": text.get("architectures") or cfg.get("architectures"),
+               "text_model_type": text.get("model_type")}
     return cfg
 
 
@@ -123,7 +153,23 @@ def arch_spec(hparams: dict) -> tuple[str, ArchSpec]:
     if not names or names[0] not in ARCHS:
         raise ConvertError(f"unsupported architecture {names[0] if names else None!r} in config.json; "
                            f"supported: {', '.join(ARCHS)}")
-    return names[0], ARCHS[names[0]]
+    name = names[0]
+    if name in _WRAPPER_TEXT:
+        mt = hparams.get("text_model_type") or "llama"
+        if mt not in _WRAPPER_TEXT[name]:
+            raise ConvertError(f"{name} with a {mt!r} text model is not supported; text models: "
+                               f"{', '.join(_WRAPPER_TEXT[name])}")
+        inner = _WRAPPER_TEXT[name][mt]
+        return name, ARCHS[inner] if inner else ARCHS[name]
+    return name, ARCHS[name]
+
+
+def text_tensor_name(hf_name: str) -> str:
+    """HF name inside a multimodal wrapper -> the plain text-model name (``model.layers.0...``, ``lm_head...``)."""
+    for prefix, repl in _TEXT_PREFIXES:
+        if hf_name.startswith(prefix):
+            return repl + hf_name[len(prefix):]
+    return hf_name.replace("language_model.", "")
 
 
 def _rope_params(hp: dict) -> tuple[dict, float | None, float | None]:
@@ -186,7 +232,7 @@ def write_arch_params(w: gguf.GGUFWriter, spec: ArchSpec, hp: dict, ftype: Llama
         w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
         w.add_rope_scaling_factor(factor)
         w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
-    elif rope_type not in (None, "default", "llama3"):
+    elif rope_type not in (None, "default", "llama3", "mrope"):
         raise ConvertError(f"unsupported rope scaling type {rope_type!r} (supported: default, linear, yarn, llama3)")
     if gemma and theta is None:
         theta = 1_000_000.0
@@ -204,6 +250,11 @@ def write_arch_params(w: gguf.GGUFWriter, spec: ArchSpec, hp: dict, ftype: Llama
     if spec.arch == gguf.MODEL_ARCH.LLAMA:
         w.add_vocab_size(hp["vocab_size"])
         w.add_rope_dimension_count(head_dim or hp["hidden_size"] // n_head)
+    if spec.arch == gguf.MODEL_ARCH.QWEN2VL:   # llama.cpp Qwen2VLModel: HF mrope_section padded to 4 entries
+        sections = list(rope.get("mrope_section") or [])
+        if not sections or len(sections) > 4:
+            raise ConvertError(f"Qwen2-VL config needs rope mrope_section (1-4 entries), got {sections}")
+        w.add_rope_dimension_sections(sections + [0] * (4 - len(sections)))
     if gemma:
         if hp.get("attn_logit_softcapping") is not None:
             raise ConvertError("gemma3 checkpoints have no attn_logit_softcapping; this config sets one")
@@ -326,7 +377,7 @@ def plan_tensors(hf_dir: Path, spec: ArchSpec, hp: dict, src: _Source, ftype: Ll
     for hf_name in src.names():
         if any(s in hf_name for s in _SKIP_SUBSTR) or hf_name.endswith(_SKIP_SUFFIX):
             continue
-        name = hf_name.replace("language_model.", "")
+        name = text_tensor_name(hf_name)
         if tied and name == "lm_head.weight":
             continue  # tied: the model reuses token_embd (llama.cpp files have no output.weight either)
         new = tmap.get_name(name, try_suffixes=(".weight", ".bias"))
@@ -370,6 +421,11 @@ def convert(hf_dir, out_path, outtype: str = "f32", *, progress: bool = True) ->
     ftype = OUTTYPES[key]
     hp = load_hparams(hf_dir)
     hf_arch, spec = arch_spec(hp)
+    if hf_arch == "UltravoxModel" and not any(text_tensor_name(n).startswith(("model.layers.", "lm_head."))
+                                             for n in _Source(hf_dir).names()):
+        raise ConvertError(f"{hf_dir}: this Ultravox checkpoint holds no text model (only the audio tower and "
+                           f"projector; its text model is {hp.get('text_model_id')!r}): convert that text model "
+                           f"instead, and this folder with --mmproj")
 
     vocab = tm.choose_vocab(hf_dir, hp.get("vocab_size"), spec.vocab_order)
     if spec.arch == gguf.MODEL_ARCH.GEMMA3 and vocab.model == "llama":

@@ -12,6 +12,8 @@ Idefics3ForConditionalGeneration,   idefics3           conversion/smolvlm.py Smo
 SmolVLMForConditionalGeneration
 Qwen2AudioForConditionalGeneration, qwen2a, ultravox   audio: Whisper encoder + projector, see mmproj_audio.py
 UltravoxModel
+Qwen2VLForConditionalGeneration,    qwen2vl_merger,    conversion Qwen2VLVisionModel, see mmproj_qwen.py
+Qwen2_5_VLForConditionalGeneration  qwen2.5vl_merger
 ==================================  =================  ===========================================================
 
 File facts (what vlm.encoders reads, and llama.cpp's clip.cpp too):
@@ -216,9 +218,15 @@ def convert_mmproj(hf_dir, out_path, outtype: str = "f32", *, progress: bool = F
     from .mmproj_audio import AUDIO_SPECS, convert_audio_mmproj
     if arch in AUDIO_SPECS:     # Qwen2-Audio, Ultravox: Whisper encoder + audio projector (mmproj_audio.py)
         return convert_audio_mmproj(hf_dir, out_path, outtype, progress=progress)
+    from .mmproj_qwen import PROJECTORS as QWEN_ARCHS, convert_qwen_mmproj
+    if arch in QWEN_ARCHS:      # Qwen2-VL / Qwen2.5-VL: dynamic-resolution ViT + 2×2 merger (mmproj_qwen.py)
+        pre = _preprocessor_config(hf_dir)
+        mean = [float(x) for x in pre.get("image_mean", _CLIP_MEAN)]
+        std = [float(x) for x in pre.get("image_std", _CLIP_STD)]
+        return convert_qwen_mmproj(hf_dir, out_path, cfg, ftype, mean, std, progress=progress)
     if arch not in SPECS:
         raise ConvertError(f"--mmproj: unsupported architecture {arch!r}; supported: "
-                           f"{', '.join(list(SPECS) + list(AUDIO_SPECS))}")
+                           f"{', '.join(list(SPECS) + list(AUDIO_SPECS) + list(QWEN_ARCHS))}")
     spec = SPECS[arch]
     if "vision_config" not in cfg:
         raise ConvertError(f"{hf_dir}/config.json has no vision_config: not a vision-language checkpoint")
