@@ -381,10 +381,15 @@ def test_mlp_norm_is_refused(tiny, tmp_path):
         load_mmproj(bad)
 
 
-def test_audio_only_mmproj_is_refused(tiny, tmp_path):
+def test_audio_only_mmproj_goes_to_the_audio_loader(tiny, tmp_path):
+    """load_mmproj hands an audio-only file to load_audio_encoder (here it lacks the a.* tensors, so the audio
+    loader's own error shows it got there); a file with neither encoder is refused."""
     _, path, _ = tiny("gemma3")
     bad = _rewrite(path, tmp_path / "a.gguf", drop_keys=("clip.projector_type",),
                    set_keys={"clip.has_vision_encoder": False, "clip.has_audio_encoder": True,
                              "clip.audio.projector_type": "ultravox"})
-    with pytest.raises(MmprojError, match=r"has no vision encoder .* audio encoders are not supported"):
+    with pytest.raises(GGUFKeyError, match=r"missing metadata key .clip\.audio\.embedding_length"):
         load_mmproj(bad)
+    neither = _rewrite(path, tmp_path / "n.gguf", set_keys={"clip.has_vision_encoder": False})
+    with pytest.raises(MmprojError, match=r"neither a vision nor an audio encoder"):
+        load_mmproj(neither)

@@ -2,6 +2,10 @@
 
     vlm generate -m models/gemma-3-270m-q4_k_m.gguf -p "The capital of France is" -n 48
     vlm generate -m model.gguf --chat -p "Write a haiku about GPUs" --temp 0.7 --seed 1
+    vlm generate -m text.gguf --mmproj mmproj.gguf --image a.png --audio b.wav -p "Describe <__media__> ..."
+
+Media (--image / --audio, repeatable) fill the prompt's `<__media__>` markers in order (images, then audio);
+without markers they go at the start of the prompt (of the user message with --chat).
 """
 from __future__ import annotations
 
@@ -14,6 +18,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model", required=True, help="text model GGUF file")
     p.add_argument("--mmproj", default=None, help="multimodal projector GGUF (image/audio input)")
     p.add_argument("-p", "--prompt", required=True, help="prompt text (with --chat: the user message)")
+    p.add_argument("--image", action="append", default=None, help="image file (repeatable; needs --mmproj)")
+    p.add_argument("--audio", action="append", default=None, help="audio file (repeatable; needs --mmproj)")
     p.add_argument("-n", "--max-tokens", type=int, default=128, help="tokens to generate (default 128)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--system", default=None, help="system message (with --chat)")
@@ -58,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
         pieces = model.generate(prompt, max_tokens=args.max_tokens, temperature=args.temp, top_k=args.top_k,
                                 top_p=args.top_p, min_p=args.min_p, repeat_penalty=args.repeat_penalty,
                                 repeat_last_n=args.repeat_last_n, seed=args.seed, stop=args.stop,
-                                stream=True, truncate=args.truncate)
+                                stream=True, truncate=args.truncate, images=getattr(args, "image", None),
+                                audio=getattr(args, "audio", None))
         if args.no_stream:
             sys.stdout.write("".join(pieces))
         else:
@@ -67,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
                 sys.stdout.flush()
         sys.stdout.write("\n")
         sys.stdout.flush()
-    except (ContextFullError, ValueError, TypeError, MissingTensorsError, UnsupportedArchError) as e:
+    except (ContextFullError, ValueError, TypeError, MissingTensorsError, UnsupportedArchError,
+            FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     s = model.last_result.stats

@@ -179,13 +179,17 @@ class Model:
                  top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0, repeat_last_n: int = 64,
                  seed: int | None = None, stop: str | Sequence[str] | None = None, stream: bool = False,
                  add_special: bool = True, truncate: bool = False, chat_template: str | None = None,
-                 seq_id: int = 0) -> str | Iterator[str]:
+                 seq_id: int = 0, images=None, audio=None) -> str | Iterator[str]:
         """Continue `prompt` — a string, a list of token ids, or chat messages (rendered with the chat template).
 
         temperature 0 = greedy. Sampling order and defaults follow llama.cpp (top_k 40, top_p 0.95, min_p 0.05,
         temperature 0.8). Generation ends at an end-of-generation token, a `stop` string (not included in the
         output), `max_tokens`, or a full context. Returns the text, or with stream=True an iterator of text
         pieces (valid UTF-8 each). Details (tokens, timings, finish reason) land in `self.last_result`.
+
+        images / audio: media (paths, bytes, arrays or vlm.mtmd.Bitmap) for the `<__media__>` markers of the prompt
+        (placed at its start when it has none); chat messages may also carry image / audio content parts. Needs
+        an mmproj (load(..., mmproj=...)); see vlm.mtmd_chat.
         """
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
             raise ValueError(f"max_tokens must be an int >= 0, got {max_tokens!r}")
@@ -195,6 +199,11 @@ class Model:
         if any(not isinstance(s, str) or not s for s in stops):
             raise ValueError(f"stop must be a non-empty string or a list of them, got {stop!r}")
         self.kv._check_seq(seq_id)
+        from vlm import mtmd_chat
+        if images or audio or mtmd_chat.has_media_parts(prompt):
+            return mtmd_chat.generate(self, prompt, images=images or (), audio=audio or (), max_tokens=max_tokens,
+                                      params=params, stops=stops, seq_id=seq_id, stream=stream,
+                                      chat_template=chat_template, add_special=add_special)
         ids = self._fit_context(self._prompt_ids(prompt, add_special=add_special, chat_template=chat_template),
                                 max_tokens, truncate)
         it = self._generate_text(ids, max_tokens, params, stops, seq_id)
@@ -222,7 +231,7 @@ class Model:
             ids.add(tok.eos_id)
         return ids
 
-    def _generate_text(self, ids, max_tokens, params, stops, seq) -> Iterator[str]:
+    def _generate_text(self, ids, max_tokens, params, stops, seq, prefilled_logits=None) -> Iterator[str]:
         from vlm.tokenizer import StreamDecoder
         res = GenerationResult(stats=GenerationStats())
         self.last_result = res
@@ -230,7 +239,7 @@ class Model:
         held = ""          # text not yet handed out (could be the start of a stop string)
         emitted = []
         gen = generate_tokens(self, ids, max_tokens=max_tokens, params=params, stop_ids=self._eog_ids(),
-                              seq=seq, stats=res.stats)
+                              seq=seq, stats=res.stats, prefilled_logits=prefilled_logits)
         try:
             for t in gen:
                 res.tokens.append(t)
@@ -291,6 +300,8 @@ def load(path, mmproj=None, *, device=None, dtype: torch.dtype | None = None, n_
     if isinstance(n_batch, bool) or not isinstance(n_batch, int) or n_batch < 1:
         raise ValueError(f"n_batch must be an int >= 1, got {n_batch!r}")
     model = Model(path, f, text, tokenizer, n_ctx=n_ctx, n_seq=n_seq, n_batch=n_batch)
+    if mmproj is None and _has_clip_keys(f):
+        mmproj = path                                  # one file holding both the text model and the projector
     if mmproj is not None:
         model.mmproj, model.audio_encoder = load_mmproj(mmproj, model)
     return model
@@ -303,7 +314,7 @@ def load_mmproj(path, model: Model):
     from vlm.gguf import GGUFFile
 
     f = GGUFFile(path)
-    if f.arch != "clip":
+    if f.arch != "clip" and not _has_clip_keys(f):   # a single file may hold text model + projector
         raise registry.UnsupportedArchError(f"{path}: not a multimodal projector (general.architecture = "
                                             f"{f.arch!r}, expected 'clip')")
     vision = audio = None
@@ -317,3 +328,9 @@ def load_mmproj(path, model: Model):
         vision = load_vision(f, device=model.device, dtype=model.dtype)
         vision.check_compatible(model.config.n_embd, name)
     return vision, audio
+
+
+def _has_clip_keys(f) -> bool:
+    """Whether a GGUF carries a multimodal projector (clip.*projector_type keys)."""
+    return any(k in f.metadata for k in ("clip.projector_type", "clip.vision.projector_type",
+                                         "clip.audio.projector_type"))

@@ -266,13 +266,24 @@ class MmprojEncoder:
         return out  # type: ignore[return-value]
 
 
-def load_mmproj(source, *, device=None, dtype=None) -> MmprojEncoder:
+def load_mmproj(source, *, device=None, dtype=None):
     """Open an mmproj GGUF (path or :class:`GGUFFile`) and build the encoder its ``clip.projector_type`` names.
+
+    A file with only an audio encoder (``clip.has_audio_encoder`` true, no vision encoder) is handed to
+    :func:`vlm.encoders.whisper.load_audio_encoder` and an AudioEncoder is returned; a file holding both gives the
+    vision encoder here (``vlm.load(mmproj=...)`` loads both). A file with neither encoder is refused.
 
     Raises UnsupportedArchError (unknown projector type, listing the supported ones), MissingTensorsError,
     GGUFKeyError (a required ``clip.*`` key is missing) or MmprojError."""
     f = source if isinstance(source, GGUFFile) else GGUFFile(os.fspath(source))
     try:
+        has_vision = f.get(KEY_HAS_VISION)
+        if f.get("clip.has_audio_encoder") and not has_vision:
+            from vlm.encoders.whisper import load_audio_encoder
+            return load_audio_encoder(f, device=device, dtype=dtype)
+        if has_vision is False:
+            raise MmprojError(f"{f.path}: this mmproj has neither a vision nor an audio encoder "
+                              f"({KEY_HAS_VISION} and clip.has_audio_encoder are not true)")
         proj = f.get(KEY_PROJ_TYPE) or f.get(KEY_VISION_PROJ_TYPE)
         if proj is None or f.get(KEY_HAS_VISION) is False:
             VisionConfig.from_gguf(f)     # raises the precise error (text model / audio only / missing key)
