@@ -13,7 +13,7 @@ from typing import Iterator
 
 import torch
 
-from vlm.batch import UBatch
+from vlm.batch import N_POS_PLANES_MROPE, UBatch
 from vlm.sampling import Sampler, SamplingParams
 
 
@@ -56,9 +56,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def decode_ubatch(tok: torch.Tensor, pos: int, seq: int) -> UBatch:
-    """One-row micro-batch for a decode step (token tensor stays on its device)."""
-    return UBatch(tokens=tok.reshape(1), embd=None, embd_rows=None, pos=torch.tensor([pos], dtype=torch.int64),
+def decode_ubatch(tok: torch.Tensor, pos: int, seq: int, n_pos_planes: int = 1) -> UBatch:
+    """One-row micro-batch for a decode step (token tensor stays on its device). M-RoPE models (4 planes) get
+    the text-token layout (p, p, p, 0)."""
+    p = torch.tensor([pos], dtype=torch.int64)
+    if n_pos_planes == N_POS_PLANES_MROPE:
+        p = torch.stack([p, p, p, torch.zeros_like(p)])
+    return UBatch(tokens=tok.reshape(1), embd=None, embd_rows=None, pos=p,
                   runs=[(seq, 0, 1)], output=torch.ones(1, dtype=torch.bool), causal=True)
 
 
@@ -116,7 +120,7 @@ def generate_tokens(model, prompt: list[int], *, max_tokens: int, params: Sampli
                 if kv.seq_len(seq) >= kv.n_ctx:
                     break
                 with torch.inference_mode():
-                    logits = text_model.forward_ubatch(decode_ubatch(tok, kv.n_past(seq), seq), kv)
+                    logits = text_model.forward_ubatch(decode_ubatch(tok, kv.n_past(seq), seq, text_model.config.n_pos_planes), kv)
                 n_fed += 1
                 tok = sampler(logits[0])
                 pending.append(tok)
