@@ -282,7 +282,8 @@ def test_unknown_projector_type(tiny, tmp_path):
     _, path, _ = tiny("gemma3")
     bad = _rewrite(path, tmp_path / "bad.gguf", set_keys={"clip.projector_type": "resampler_v9"})
     with pytest.raises(UnsupportedArchError, match=r"unsupported projector type 'resampler_v9'; supported: "
-                                                   r"gemma3, idefics3, mlp"):
+                                                   r"gemma3, idefics3, ldp, ldpv2, mlp, qwen2.5vl_merger, qwen2a, "
+                                                   r"qwen2vl_merger, ultravox"):
         load_mmproj(bad)
 
 

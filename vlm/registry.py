@@ -20,6 +20,8 @@ ENCODERS: dict[str, str] = {
     "mlp": "vlm.encoders.mlp:MlpEncoder",                 # LLaVA-1.5 (CLIP ViT + 2-layer MLP)
     "gemma3": "vlm.encoders.gemma3:Gemma3Encoder",        # Gemma 3 (SigLIP + avg-pool + soft-emb norm)
     "idefics3": "vlm.encoders.idefics3:Idefics3Encoder",  # Idefics3 / SmolVLM (SigLIP + pixel shuffle)
+    "ldp": "vlm.encoders.ldp:LdpEncoder",                 # MobileVLM (CLIP ViT + MLP + 2 mobile blocks)
+    "ldpv2": "vlm.encoders.ldp:LdpV2Encoder",             # MobileVLM V2 (CLIP ViT + MLP + avg-pool 2 + PEG)
     "qwen2vl_merger": "vlm.encoders.qwen2vl:Qwen2VLEncoder",      # Qwen2-VL (2-D RoPE ViT + 2×2 merger)
     "qwen2.5vl_merger": "vlm.encoders.qwen2vl:Qwen25VLEncoder",   # Qwen2.5-VL (+ RMSNorm, SwiGLU, windows)
     # audio (Whisper encoder, vlm.encoders.whisper; open with load_audio_encoder)
