@@ -76,7 +76,7 @@ def device_peak(name: str, table: dict) -> float | None:
 
 
 def cfg_str(cfg: dict) -> str:
-    keys = ("regime", "BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "REDUCE_EACH_STEP", "num_warps", "num_stages")
+    keys = ("regime", "BLOCK_M", "BLOCK_N", "BLOCK_K", "UNROLL", "SPLIT_K", "num_warps", "num_stages")
     return " ".join(f"{k}={cfg[k]}" for k in keys if k in cfg)
 
 
@@ -225,48 +225,54 @@ def tune(args) -> None:
     table = json.loads(path.read_text()) if path.is_file() else {}
     configs = table.setdefault("configs", {})
     t0 = time.time()
-    for t in types:
-        for M in ms:
-            bucket = qcfg.m_bucket(M)
-            if M <= qcfg.GEMV_MAX_M:   # decode: the GEMV, and the tensor-core kernel padded to 16 rows
-                cands = [dict(regime="gemv", **c) for c in qcfg.GEMV_CONFIGS]
+    by_bucket: dict[str, list[int]] = {}     # all M of a bucket share one config: time each candidate at each
+    for M in ms:
+        by_bucket.setdefault(qcfg.m_bucket(M), []).append(M)
+    for ti, t in enumerate(types):
+        qk = GEOMETRY[GGMLType[t]].qk
+        t_end = t0 + args.budget_s * (ti + 1) / len(types)      # an equal share of the budget per type
+        for bucket, bms in by_bucket.items():
+            top = max(bms)
+            if bucket == "gemv":   # decode: the GEMV, and the tensor-core kernel padded to 16 rows
+                cands = [dict(regime="gemv", **c) for c in qcfg.GEMV_CONFIGS[qk]]
                 cands += [dict(regime="gemm", **c) for c in qcfg.GEMM_CONFIGS if c["BLOCK_M"] == 16]
-                splits = ["auto", 1, 4, 8, 16]
+                splits = ["auto", 1, 4]
             else:
-                cands = [dict(regime="gemm", **c) for c in qcfg.GEMM_CONFIGS if c["BLOCK_M"] <= max(16, 2 * M)]
-                splits = ["auto", 1] if M >= 128 else ["auto", 1, 4]
-            times: dict[str, dict] = {}          # cfg json -> {shape: seconds}
+                cands = [dict(regime="gemm", **c) for c in qcfg.GEMM_CONFIGS if c["BLOCK_M"] <= max(16, 2 * top)]
+                splits = ["auto", 1] if top >= 128 else ["auto", 1, 4]
+            times: dict[str, dict] = {}          # cfg json -> {shape: geometric mean over the bucket's M}
             for N, K in shapes:
-                if time.time() - t0 > args.budget_s:
+                if time.time() > t_end:
+                    print(f"  {t} {bucket}: budget share spent, skipping {N}x{K}")
                     break
                 w = random_qtensor(t, N, K, dev)
-                x = torch.randn(M, K, device=dev).bfloat16()
+                xs = {M: torch.randn(M, K, device=dev).bfloat16() for M in bms}
                 tried = {}
-                for base in cands + ([{"regime": "dequant"}] if M >= 64 else []):
+                for base in cands + ([{"regime": "dequant"}] if top >= 64 else []):
                     for sp in (splits if base["regime"] != "dequant" else [None]):
                         cfg = dict(base) if sp is None else dict(base, SPLIT_K=sp)
                         try:
-                            res = qcfg.resolve(cfg, M, N, K, GEOMETRY[w.qtype].qk, n_sm)
+                            sig = tuple(cfg_str(qcfg.resolve(cfg, M, N, K, qk, n_sm)) for M in bms)
                         except ValueError:
                             continue
-                        sig = cfg_str(res)
                         if sig in tried:        # e.g. "auto" resolving to a split already timed
                             continue
                         try:
-                            tried[sig] = do_bench(lambda: qmatmul_triton(x, w, config=cfg), warmup=3, rep=10,
-                                                  return_mode="median") * 1e-3
+                            ts = [do_bench(lambda: qmatmul_triton(xs[M], w, config=cfg), warmup=3, rep=10,
+                                           return_mode="median") * 1e-3 for M in bms]
                         except Exception as e:  # a config that does not compile / fit is simply not a winner
-                            print(f"  {t} M={M} {sig}: failed ({type(e).__name__})")
+                            print(f"  {t} {bucket} {sig[0]}: failed ({type(e).__name__})")
                             continue
+                        tried[sig] = math.exp(statistics.fmean(math.log(v) for v in ts))
                         times.setdefault(json.dumps(cfg, sort_keys=True), {})[f"{N}x{K}"] = tried[sig]
                 best = min(times, key=lambda c: times[c].get(f"{N}x{K}", math.inf), default=None)
                 if best is not None and f"{N}x{K}" in times[best]:
                     entry = json.loads(best)
                     if entry.get("SPLIT_K") == "auto":
-                        entry["SPLIT_K"] = qcfg.resolve(entry, M, N, K, GEOMETRY[w.qtype].qk, n_sm)["SPLIT_K"]
+                        entry["SPLIT_K"] = qcfg.resolve(entry, top, N, K, qk, n_sm)["SPLIT_K"]
                     configs.setdefault(t, {}).setdefault(bucket, {})[f"{N}x{K}"] = entry
-                    print(f"{t} {bucket} {N}x{K}: {cfg_str(entry)} {times[best][f'{N}x{K}'] * 1e6:.1f} us "
-                          f"({time.time() - t0:.0f} s)", flush=True)
+                    print(f"{t} {bucket} {N}x{K} M={bms}: {cfg_str(entry)} {times[best][f'{N}x{K}'] * 1e6:.1f} us "
+                          f"(geo-mean) ({time.time() - t0:.0f} s)", flush=True)
             # "*": the config with the best geometric mean of time / best time over the shapes measured
             measured = {s for v in times.values() for s in v}
             full = {c: v for c, v in times.items() if set(v) == measured and measured}
@@ -345,7 +351,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--budget-s", type=float, default=105.0, help="stop the sweep after this many seconds")
+    ap.add_argument("--budget-s", type=float, default=85.0, help="stop the sweep after this many seconds")
     ap.add_argument("--types", default="", help="comma-separated GGML types (default: see MAIN/OTHER_TYPES)")
     ap.add_argument("--threads", type=int, default=0, help="CPU: torch intra-op threads (default: torch's)")
     ap.add_argument("--tune", action="store_true", help="sweep the config lists and write the winners JSON")

@@ -75,6 +75,13 @@ SUPPORTED = tuple(GEOMETRY)
 # IQ4_NL's non-linear 4-bit codebook (ggml-common.h `kvalues_iq4nl`); passed to the kernels as a tiny fp32 table.
 IQ4_NL_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 
+# The same codebook as four little-endian int32 words of int8 bytes (entry i is byte i % 4 of word i // 4), so the
+# kernels pick entries with selects and shifts in registers instead of a gather load (whose layout would not match
+# the weight tile's and costs a shared-memory conversion per step in the GEMV).
+_IQ4_WORDS = [int.from_bytes(bytes(v & 255 for v in IQ4_NL_VALUES[i:i + 4]), "little", signed=True)
+              for i in range(0, 16, 4)]
+_IQ4_W0, _IQ4_W1, _IQ4_W2, _IQ4_W3 = (tl.constexpr(v) for v in _IQ4_WORDS)
+
 for _t, _g in GEOMETRY.items():
     assert _g.groups * _g.r * _g.s == _g.qk, _t
 
@@ -101,6 +108,15 @@ def group_offset(g: tl.constexpr, QTYPE: tl.constexpr):
         return (g // 2) * 128 + (g % 2) * 16  # g = (half, 16-lane slice) of a 128-element half
     else:
         return 0                            # 32-weight blocks: one group
+
+
+@triton.jit
+def _u2f(q, bias: tl.constexpr):
+    """float(q - bias), exact, for int32 0 <= q < 2^22 and a small integer bias, without an int -> float
+    conversion (a quarter-rate instruction on NVIDIA GPUs, which would cap the GEMV below HBM speed): the bits
+    0x4B000000 | q are the float 2^23 + q, and subtracting 2^23 + bias is exact. Same value as
+    (q - bias).to(tl.float32), so results stay bit-identical."""
+    return (q | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + bias)
 
 
 @triton.jit
@@ -137,41 +153,46 @@ def _k_scale_min(bp, r, g: tl.constexpr):
 def dequant_group(bp, r, j, g: tl.constexpr, lut_ptr, QTYPE: tl.constexpr):
     """fp32 weights of group g for a tile of blocks.
 
-    bp:   uint8 pointers to block starts, shape [A, B, 1, 1] (e.g. rows x blocks). Loads are unmasked: the
+    bp:   uint8 pointers to block starts, shape [A, B, 1, 1] (e.g. rows x blocks), or [A, B, 1] with r an
+          int32 [1, 1, 1] and j [1, 1, S] (one r per call: the GEMV), giving [A, B, S]. Loads are unmasked: the
           callers clamp row / block indices into the tensor and drop or zero-weight the clamped copies.
           Bytes are loaded as uint8 and widened to int32 before shifting.
     r:    int32 arange(R) shaped [1, 1, R, 1];  j: int32 arange(S) shaped [1, 1, 1, S]
+    lut_ptr: the IQ4_NL codebook as fp32 (unused since the codebook is decoded in registers; kept in the
+          kernels' signatures as the launchers pass it)
     returns fp32 [A, B, R, S]; element (.., r, j) is in-block weight group_offset(g) + r*RSTRIDE + j.
     """
     if QTYPE == _Q4_0:
         d = _f16(bp)
         nib = (tl.load(bp + 2 + j).to(tl.int32) >> (4 * r)) & 15
-        w = d * (nib - 8).to(tl.float32)
+        w = d * _u2f(nib, 8)
     elif QTYPE == _Q4_1:
         d = _f16(bp)
         m = _f16(bp + 2)
         nib = (tl.load(bp + 4 + j).to(tl.int32) >> (4 * r)) & 15
-        w = d * nib.to(tl.float32) + m
+        w = d * _u2f(nib, 0) + m
     elif QTYPE == _Q5_0:
         d = _f16(bp)
         qh = _u16(bp + 2 + 2 * r)          # 5th bits of elements r*16 .. r*16+15
         q = ((tl.load(bp + 6 + j).to(tl.int32) >> (4 * r)) & 15) | (((qh >> j) & 1) << 4)
-        w = d * (q - 16).to(tl.float32)
+        w = d * _u2f(q, 16)
     elif QTYPE == _Q5_1:
         d = _f16(bp)
         m = _f16(bp + 2)
         qh = _u16(bp + 4 + 2 * r)
         q = ((tl.load(bp + 8 + j).to(tl.int32) >> (4 * r)) & 15) | (((qh >> j) & 1) << 4)
-        w = d * q.to(tl.float32) + m
+        w = d * _u2f(q, 0) + m
     elif QTYPE == _Q8_0:
         d = _f16(bp)
-        q = tl.load(bp + 2 + j).to(tl.int32)
-        q = q - ((q & 128) << 1)            # reinterpret the byte as int8
-        w = q.to(tl.float32) * d
+        q = tl.load(bp + 2 + j).to(tl.int32) ^ 128   # the int8 value + 128
+        w = _u2f(q, 128) * d
     elif QTYPE == _IQ4_NL:
         d = _f16(bp)
         nib = (tl.load(bp + 2 + j).to(tl.int32) >> (4 * r)) & 15
-        w = d * tl.load(lut_ptr + nib)      # codebook lookup (16 fp32 values, L1-resident)
+        # codebook entry nib: word nib // 4 of _IQ4_WORDS, byte nib % 4 (an int8; ^ 128 makes it value + 128)
+        hi = (nib & 4) != 0
+        word = tl.where(nib >= 8, tl.where(hi, _IQ4_W3, _IQ4_W2), tl.where(hi, _IQ4_W1, _IQ4_W0))
+        w = d * _u2f(((word >> ((nib & 3) * 8)) & 255) ^ 128, 128)
     elif QTYPE == _Q2_K:
         half = g // 2
         lane = (g % 2) * 16
@@ -179,32 +200,32 @@ def dequant_group(bp, r, j, g: tl.constexpr, lut_ptr, QTYPE: tl.constexpr):
         dmin = _f16(bp + 82)
         q = (tl.load(bp + 16 + half * 32 + lane + j).to(tl.int32) >> (2 * r)) & 3
         sc = tl.load(bp + half * 8 + 2 * r + g % 2).to(tl.int32)  # sub-block e//16
-        w = (d * (sc & 15).to(tl.float32)) * q.to(tl.float32) - dmin * (sc >> 4).to(tl.float32)
+        w = (d * (sc & 15).to(tl.float32)) * _u2f(q, 0) - dmin * (sc >> 4).to(tl.float32)
     elif QTYPE == _Q3_K:
         half = g // 2
         lane = (g % 2) * 16
         d = _f16(bp + 108)
         q = (tl.load(bp + 32 + half * 32 + lane + j).to(tl.int32) >> (2 * r)) & 3
         hbit = (tl.load(bp + lane + j).to(tl.int32) >> (half * 4 + r)) & 1  # hmask bit e//32
-        q = q - 4 + 4 * hbit               # -4 where the hmask bit is clear
+        q = q + 4 * hbit                   # q - 4 is the value: -4 where the hmask bit is clear
         sub = half * 8 + 2 * r + g % 2
         lo4 = (tl.load(bp + 96 + sub % 8).to(tl.int32) >> ((sub // 8) * 4)) & 15
         hi2 = (tl.load(bp + 104 + sub % 4).to(tl.int32) >> ((sub // 4) * 2)) & 3
         sc = (lo4 | (hi2 << 4)) - 32
-        w = (d * sc.to(tl.float32)) * q.to(tl.float32)
+        w = (d * sc.to(tl.float32)) * _u2f(q, 4)
     elif QTYPE == _Q4_K:
         d = _f16(bp)
         dmin = _f16(bp + 2)
         q = (tl.load(bp + 16 + g * 32 + j).to(tl.int32) >> (4 * r)) & 15
         sc, mn = _k_scale_min(bp, r, g)
-        w = (d * sc.to(tl.float32)) * q.to(tl.float32) - dmin * mn.to(tl.float32)
+        w = (d * sc.to(tl.float32)) * _u2f(q, 0) - dmin * mn.to(tl.float32)
     elif QTYPE == _Q5_K:
         d = _f16(bp)
         dmin = _f16(bp + 2)
         q = (tl.load(bp + 48 + g * 32 + j).to(tl.int32) >> (4 * r)) & 15
         q = q | (((tl.load(bp + 16 + j).to(tl.int32) >> (2 * g + r)) & 1) << 4)
         sc, mn = _k_scale_min(bp, r, g)
-        w = (d * sc.to(tl.float32)) * q.to(tl.float32) - dmin * mn.to(tl.float32)
+        w = (d * sc.to(tl.float32)) * _u2f(q, 0) - dmin * mn.to(tl.float32)
     else:
         tl.static_assert(QTYPE == _Q6_K, "dequant_group: unsupported GGML type")
         half = g // 2
@@ -215,8 +236,8 @@ def dequant_group(bp, r, j, g: tl.constexpr, lut_ptr, QTYPE: tl.constexpr):
         ql_b = tl.load(bp + half * 64 + 32 + lane + j).to(tl.int32)
         lo = (tl.where((r % 2) == 0, ql_a, ql_b) >> ((r // 2) * 4)) & 15
         hi = (tl.load(bp + 128 + half * 32 + lane + j).to(tl.int32) >> (2 * r)) & 3
-        q = (lo | (hi << 4)) - 32
+        q = lo | (hi << 4)                  # the value + 32
         sc = tl.load(bp + 192 + half * 8 + 2 * r + g % 2).to(tl.int32)
         sc = sc - ((sc & 128) << 1)         # int8 sub-block scale
-        w = (d * sc.to(tl.float32)) * q.to(tl.float32)
+        w = (d * sc.to(tl.float32)) * _u2f(q, 32)
     return w

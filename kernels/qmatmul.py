@@ -5,7 +5,7 @@
 
 Three implementations with the same signature `(x, w, bias=None)`:
     qmatmul_triton  fused Triton kernels (kernels/qmatmul_kernels.py), regime chosen by M
-                    (kernels/qmatmul_configs.py): GEMV for M <= 4, tensor-core split-K GEMM, and
+                    (kernels/qmatmul_configs.py): GEMV for M <= 16, tensor-core split-K GEMM, and
                     dequantize-to-x.dtype + torch.matmul where the tuned table says it is faster.
     qmatmul_torch   the path used when Triton is not chosen (CPU inference): dequantized weights cached per
                     QTensor within a memory budget (env VLM_QMATMUL_CACHE_MB), else dequantized in row chunks.
@@ -85,7 +85,7 @@ def _dense_matmul(x2, wd, bias):
 # Triton path
 
 @functools.lru_cache(maxsize=None)
-def _lut(device: str) -> torch.Tensor:
+def _lut(device: torch.device) -> torch.Tensor:
     return torch.tensor(IQ4_NL_VALUES, dtype=torch.float32, device=device)
 
 
@@ -119,14 +119,23 @@ def dequantize_triton(w: QTensor, dtype: torch.dtype = torch.float32, *, block_n
     nb = max(1, block_k // geom.qk)
     out = torch.empty((N, K), dtype=dtype, device=w.device)
     grid = (triton.cdiv(N, block_n), triton.cdiv(n_blocks, nb))
-    _dequant_kernel[grid](w.data.contiguous(), out, _lut(str(w.device)), N, K, w.data.shape[1], n_blocks,
+    _dequant_kernel[grid](w.data.contiguous(), out, _lut(w.device), N, K, w.data.shape[1], n_blocks,
                           QTYPE=int(w.qtype), **geom.constexprs(), BLOCK_N=block_n, NB=nb)
     return out
 
 
-def _choose_config(M, N, K, w, device) -> dict:
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)       # plain Python: triton.cdiv is a jit function, slow to call from the host
+
+
+@functools.lru_cache(maxsize=None)
+def _constexprs(qtype: GGMLType) -> dict:
+    return GEOMETRY[qtype].constexprs()
+
+
+def _choose_config(M, N, K, w, device, interpret: bool) -> dict:
     geom = GEOMETRY[w.qtype]
-    if _interpret():
+    if interpret:
         return qcfg.choose(M, N, K, w.qtype, geom.qk, interpret=True)
     idx = device.index if device.index is not None else torch.cuda.current_device()
     return qcfg.choose(M, N, K, w.qtype, geom.qk, interpret=False, device_name=_device_name(idx),
@@ -138,7 +147,8 @@ def qmatmul_triton(x: torch.Tensor, w: QTensor, bias: torch.Tensor | None = None
     """Fused dequant matmul. `config` (tests, tuning) overrides the table: a dict as in qmatmul_configs, with
     "regime" in {"gemv", "gemm", "dequant"}; SPLIT_K may be "auto"."""
     N, K = _check(x, w, bias, triton_path=True)
-    if x.device.type != "cuda" and not _interpret():
+    interpret = _interpret()
+    if x.device.type != "cuda" and not interpret:
         raise ValueError(f"qmatmul_triton: x is on {x.device}; Triton needs CUDA tensors or TRITON_INTERPRET=1")
     out_shape = tuple(x.shape[:-1]) + (N,)
     x2 = x.reshape(-1, K)
@@ -146,16 +156,16 @@ def qmatmul_triton(x: torch.Tensor, w: QTensor, bias: torch.Tensor | None = None
     if w.qtype in FLOAT_TYPES:
         return _dense_matmul(x2, _float_weight(w), bias).reshape(out_shape)
     out_dtype = x.dtype
-    if _interpret() and x2.dtype == torch.bfloat16:
+    if interpret and x2.dtype == torch.bfloat16:
         # bf16 arithmetic is wrong under the interpreter (triton-notes §4.1): compute from fp32 there.
         x2 = x2.float()
     if M == 0:
         return x.new_empty(out_shape)
     geom = GEOMETRY[w.qtype]
     if config is None:
-        cfg = _choose_config(M, N, K, w, x.device)
+        cfg = _choose_config(M, N, K, w, x.device, interpret)
     else:
-        n_sm = 1 if _interpret() else _sm_count(x.device.index or 0)
+        n_sm = 1 if interpret else _sm_count(x.device.index or 0)
         cfg = qcfg.resolve(config, M, N, K, geom.qk, n_sm)
 
     if cfg["regime"] == "dequant":
@@ -169,25 +179,26 @@ def qmatmul_triton(x: torch.Tensor, w: QTensor, bias: torch.Tensor | None = None
     ws = y if split == 1 else torch.empty((split, M, N), dtype=torch.float32, device=x.device)
     has_bias = bias is not None
     wdata = w.data.contiguous()
-    common = (x2, wdata, y, ws, bias if has_bias else y, _lut(str(x.device)),
+    common = (x2, wdata, y, ws, bias if has_bias else y, _lut(x.device),
               M, N, K, wdata.shape[1], n_blocks, cfg["iters"], split)
-    launch = dict(QTYPE=int(w.qtype), **geom.constexprs(), BLOCK_N=cfg["BLOCK_N"], NB=cfg["NB"],
+    launch = dict(QTYPE=int(w.qtype), **_constexprs(w.qtype), BLOCK_N=cfg["BLOCK_N"], NB=cfg["NB"],
                   HAS_BIAS=has_bias and split == 1, num_warps=cfg.get("num_warps", 4),
                   num_stages=cfg.get("num_stages", 2))
     if cfg["regime"] == "gemv":
         if M > qcfg.GEMV_MAX_M:
             raise ValueError(f"qmatmul_triton: the GEMV regime takes M <= {qcfg.GEMV_MAX_M}, got M={M}")
-        grid = (triton.cdiv(N, cfg["BLOCK_N"]), split)
-        _qgemv_kernel[grid](*common, M_PAD=triton.next_power_of_2(M),
-                            REDUCE_EACH_STEP=bool(cfg.get("REDUCE_EACH_STEP", False)), **launch)
+        m_pad = 1 if M == 1 else 2 if M == 2 else qcfg.GEMV_M_CHUNK    # activation rows per program
+        n_mchunks = _cdiv(M, m_pad)
+        grid = (n_mchunks * _cdiv(N, cfg["BLOCK_N"]), split)
+        _qgemv_kernel[grid](*common, n_mchunks, M_PAD=m_pad, UNROLL=cfg["UNROLL"], **launch)
     elif cfg["regime"] == "gemm":
-        grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(M, cfg["BLOCK_M"]), split)
+        grid = (_cdiv(N, cfg["BLOCK_N"]), _cdiv(M, cfg["BLOCK_M"]), split)
         _qgemm_kernel[grid](*common, BLOCK_M=cfg["BLOCK_M"], IEEE=x2.dtype == torch.float32, **launch)
     else:
         raise ValueError(f"qmatmul_triton: unknown regime {cfg['regime']!r}")
     if split > 1:
         block = 1024
-        _splitk_reduce_kernel[(triton.cdiv(M * N, block),)](ws, y, bias if has_bias else ws, M * N, N, split,
+        _splitk_reduce_kernel[(_cdiv(M * N, block),)](ws, y, bias if has_bias else ws, M * N, N, split,
                                                              HAS_BIAS=has_bias, BLOCK=block)
     return y.reshape(out_shape)
 
@@ -266,6 +277,24 @@ _CHUNK_ELEMS = 1 << 22   # rows dequantized at a time on the uncached path (16 M
 
 
 def qmatmul_torch(x: torch.Tensor, w: QTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Off-Triton path: cached dense weights + torch matmul (fp32 on CPU, so results equal qmatmul_ref's to fp32
+    rounding and the engine keeps 1e-4 logit parity with HF fp32).
+
+    CPU lower-byte options measured 2026-11-26 on the 2-vCPU Sapphire Rapids dev box (AVX512-BF16/AMX, shared
+    with other jobs, so ±30% noise), decode GEMV of Gemma 3 270M's tied output [262144, 640] (M = 1), 2 threads:
+        fp32 weights, F.linear                       44-64 ms   (671 MB read; exact)          <- default
+        fp32 weights stored [K, N] (x @ Wt)          24-48 ms   (same bytes; no consistent gain over 3 runs)
+        bf16 weights + bf16 x, F.linear / matmul     73-84 ms   (slower: no fast bf16 GEMV path in oneDNN here)
+        bf16 torch.mv                                   28 ms   (one run)
+        torch._weight_int8pack_mm, fp32 x              232 ms;  bf16 x: 38 ms
+        int8 q + fp32 block scales, dequantized      ~8x slower than dense (torch's int8->fp32 convert and
+        to fp32 in L2-sized row chunks, then GEMV    the scale multiply cost more than the DRAM bytes saved;
+                                                     exact: d·q is exact in fp32)
+    None of the faster lower-byte ones is exact: bf16 cannot hold Q8_0's d·q (fp16 d × int8 q needs up to 18
+    significant bits, bf16 has 8), the fast int8 kernel needs bf16 activations, and int8pack's per-channel
+    scale cannot express the per-32-block scales. Relative weight error 2^-9 puts logits far outside the 1e-4 parity
+    bound (tests/test_real_gemma.py), and the fastest candidate is < 1.5x the exact path, so fp32 stays.
+    """
     N, K = _check(x, w, bias, triton_path=False)
     out_shape = tuple(x.shape[:-1]) + (N,)
     x2 = x.reshape(-1, K)
@@ -275,6 +304,8 @@ def qmatmul_torch(x: torch.Tensor, w: QTensor, bias: torch.Tensor | None = None)
     cdtype = torch.float32 if (x.device.type == "cpu" or x.dtype == torch.float32) else x.dtype
     dense = dequant_cache.get(w, cdtype)
     if dense is not None:
+        if x2.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32):   # CPU decode hot path
+            return torch.nn.functional.linear(x2, dense, bias).reshape(out_shape)
         return _dense_matmul(x2, dense, bias).reshape(out_shape)
     y = torch.empty((x2.shape[0], N), dtype=x.dtype, device=x.device)
     step = max(1, _CHUNK_ELEMS // K)

@@ -1,20 +1,22 @@
 """Launch configurations for kernels/qmatmul.py: regime by M, config lists, tuned winners per GPU (JSON).
 
 Regimes (../shared/reference/triton-notes.md §3a):
-    "gemv"     M <= GEMV_MAX_M: CUDA-core dot products (tl.sum), split-K when N alone cannot fill the GPU.
+    "gemv"     M <= GEMV_MAX_M: CUDA-core FMAs reduced once with tl.sum, weights decoded once per chunk of
+               GEMV_M_CHUNK activation rows; split-K only when N alone cannot fill the GPU.
     "gemm"     tensor-core tiles, split-K for small M.
     "dequant"  dequantize to x's dtype with a Triton kernel, then torch.matmul (cuBLAS): wins at large M.
 Tuned winners live in kernels/configs/qmatmul_<gpu>.json (written by `bench/bench_qmatmul.py --tune`):
 
     {"device": "...", "triton": "3.6.0",
      "configs": {"Q4_K": {"gemv": {"4096x14336": {cfg}, "*": {cfg}},      # bucket -> "NxK" | "*" -> cfg
-                          "m16":  {...}, ..., "m4096": {"*": {"regime": "dequant"}}}}}
+                          "m32":  {...}, ..., "m4096": {"*": {"regime": "dequant"}}}}}
 
 A cfg holds BLOCK_N, BLOCK_K (weights per K step, a power of two >= 32), num_warps, num_stages, SPLIT_K (an int
-or "auto"), for "gemv" optionally REDUCE_EACH_STEP (see _qgemv_kernel) and for "gemm" BLOCK_M. Lookup: exact "NxK", then "*", then the built-in heuristic below.
-The M bucket (next power of two, 8 … 4096) keys the GEMM configs; all M <= 4 share one GEMV config, so rows of
-y are bitwise independent of M inside the GEMV regime and inside one GEMM bucket (the K-reduction order is
-fixed by the config). Under the interpreter there is exactly one config per regime.
+or "auto"), for "gemv" optionally UNROLL (a K step is UNROLL sub-steps of BLOCK_K) and for "gemm" BLOCK_M.
+Lookup: exact "NxK", then "*", then the built-in heuristic below.
+The M bucket (next power of two, 32 … 4096) keys the GEMM configs; all M <= GEMV_MAX_M share one GEMV config,
+so rows of y are bitwise independent of M inside the GEMV regime and inside one GEMM bucket (the K-reduction
+order is fixed by the config). Under the interpreter there is exactly one config per regime.
 """
 from __future__ import annotations
 
@@ -26,26 +28,40 @@ from pathlib import Path
 
 from kernels.quant import GGMLType
 
-GEMV_MAX_M = 4
+GEMV_MAX_M = 16
+GEMV_M_CHUNK = 4       # activation rows per GEMV program (M_PAD of _qgemv_kernel)
 CONFIG_DIR = Path(__file__).parent / "configs"
 # Before any measurement on a GPU, fused GEMM is used below this M and dequantize + torch.matmul from it on.
 # A tuned JSON replaces this guess per type and M bucket (its entries say "regime": "dequant").
 DEFAULT_DEQUANT_MIN_M = 512
 
 # Candidate lists swept by --tune (and compiled once each by the GPU tests). Small on purpose.
-# GEMV: without REDUCE_EACH_STEP the fp32 accumulator holds M_PAD x BLOCK_N x KC values, KC = BLOCK_K (32-weight
-# blocks) or BLOCK_K / 4 (K-quants), so those tiles stay small; with it the tiles can be larger. All compile
-# for sm_90 for every type and M_PAD (checked offline with ptxas; spills only for 32-weight blocks at M_PAD=4
-# with BLOCK_N=32, BLOCK_K=512).
-GEMV_CONFIGS = [
-    dict(BLOCK_N=8, BLOCK_K=256, num_warps=4, num_stages=2),
-    dict(BLOCK_N=16, BLOCK_K=256, num_warps=4, num_stages=2),
-    dict(BLOCK_N=32, BLOCK_K=256, num_warps=8, num_stages=2),
-    dict(BLOCK_N=16, BLOCK_K=512, num_warps=4, num_stages=2, REDUCE_EACH_STEP=True),
-    dict(BLOCK_N=32, BLOCK_K=512, num_warps=8, num_stages=2, REDUCE_EACH_STEP=True),
-    dict(BLOCK_N=8, BLOCK_K=1024, num_warps=4, num_stages=2, REDUCE_EACH_STEP=True),
-    dict(BLOCK_N=32, BLOCK_K=256, num_warps=8, num_stages=2, REDUCE_EACH_STEP=True),
-]
+# GEMV (_qgemv_kernel): a K step is UNROLL sub-steps; per sub-step and per group/nibble a program holds a
+# [BLOCK_N, NB, S] tile (NB = BLOCK_K / QK, at least 1; S = 16 contiguous bytes, 32 for Q8_0 and K-quants),
+# i.e. E = BLOCK_N * NB * S / (32 * num_warps) weights per thread, plus one fp32 accumulator of that size per
+# activation row of its M chunk (GEMV_M_CHUNK). The lists keep E at 8 (16 for Q8_0) so M chunks of 4 rows fit
+# in registers, BLOCK_N * NB < 32 * num_warps so the per-block scales load straight in the layout of the
+# weights (no shared-memory conversion in the loop), and few warps with small BLOCK_N: at M=1 bandwidth comes
+# from many resident programs (N / BLOCK_N of them), each streaming long contiguous runs of a few rows, with
+# UNROLL independent sub-steps of loads in flight. Keyed by the block size QK (32 or 256 weights).
+# Offline sm_90 compiles (bench/qmatmul_aot.py, ptxas): no convert_layout, shared memory or barrier in the K
+# loop for any type; registers and spills are listed there.
+GEMV_CONFIGS = {
+    32: [
+        dict(BLOCK_N=2, BLOCK_K=512, UNROLL=2, num_warps=2, num_stages=1),
+        dict(BLOCK_N=4, BLOCK_K=256, UNROLL=4, num_warps=2, num_stages=1),
+        dict(BLOCK_N=1, BLOCK_K=1024, UNROLL=2, num_warps=2, num_stages=1),
+        dict(BLOCK_N=4, BLOCK_K=512, UNROLL=2, num_warps=4, num_stages=1),
+        dict(BLOCK_N=2, BLOCK_K=512, UNROLL=1, num_warps=2, num_stages=1),
+    ],
+    256: [
+        dict(BLOCK_N=2, BLOCK_K=2048, UNROLL=1, num_warps=2, num_stages=1),
+        dict(BLOCK_N=4, BLOCK_K=1024, UNROLL=2, num_warps=2, num_stages=1),
+        dict(BLOCK_N=1, BLOCK_K=2048, UNROLL=2, num_warps=2, num_stages=1),
+        dict(BLOCK_N=4, BLOCK_K=2048, UNROLL=1, num_warps=4, num_stages=1),
+        dict(BLOCK_N=2, BLOCK_K=1024, UNROLL=1, num_warps=2, num_stages=1),
+    ],
+}
 # GEMM: BLOCK_K is the dot's K per group for 32-weight blocks; K-quants round it up to one super-block (four
 # dots of K=64). With bf16/fp16 activations every listed tile compiles for sm_90 without register spills for
 # every type (checked offline with ptxas; fp32 activations spill with BLOCK_N=64).
@@ -60,7 +76,14 @@ GEMM_CONFIGS = [
     dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3),
 ]
 # Interpreter: one config per regime, big tiles because it pays per tensor op, not per element.
-INTERPRET_GEMV = dict(regime="gemv", BLOCK_N=64, BLOCK_K=1024, SPLIT_K=1, num_warps=4, num_stages=1)
+INTERPRET_GEMV = dict(regime="gemv", BLOCK_N=64, BLOCK_K=4096, SPLIT_K=1, num_warps=4, num_stages=1)
+# Built-in GEMV choice before tuning (see GEMV_CONFIGS): 32-weight blocks / 256-weight K-quants.
+DEFAULT_GEMV = {qk: dict(regime="gemv", SPLIT_K="auto", **GEMV_CONFIGS[qk][0]) for qk in GEMV_CONFIGS}
+# GEMV split-K "auto": enough resident warps to keep loads in flight (~32 per SM) before splitting K, and only
+# for layers of at least GEMV_SPLIT_MIN_WEIGHTS weights: a smaller layer streams in a few microseconds, less than
+# the extra launch of the split-K reduction costs.
+GEMV_TARGET_WARPS_PER_SM = 32
+GEMV_SPLIT_MIN_WEIGHTS = 1 << 25
 INTERPRET_GEMM = dict(regime="gemm", BLOCK_M=32, BLOCK_N=32, BLOCK_K=512, SPLIT_K=1, num_warps=4, num_stages=1)
 MAX_SPLIT_K = 32
 
@@ -123,12 +146,10 @@ def pick_split(tiles: int, n_steps: int, target_programs: int, min_steps: int) -
 def heuristic(M: int, N: int, K: int, qk: int, n_sm: int) -> dict:
     """Built-in choice when no tuned entry exists (CUDA)."""
     if M <= GEMV_MAX_M:
-        return dict(regime="gemv", BLOCK_N=16, BLOCK_K=256, SPLIT_K="auto", num_warps=4, num_stages=2)
+        return dict(DEFAULT_GEMV[qk])
     if M >= DEFAULT_DEQUANT_MIN_M:
         return dict(regime="dequant")
-    if M <= 16:
-        bm, bn, w = 16, 64, 4
-    elif M <= 32:
+    if M <= 32:
         bm, bn, w = 32, 64, 4
     elif M <= 64:
         bm, bn, w = 64, 64, 4
@@ -146,12 +167,19 @@ def resolve(cfg: dict, M: int, N: int, K: int, qk: int, n_sm: int) -> dict:
     nb = max(1, int(cfg["BLOCK_K"]) // qk)
     if nb & (nb - 1):
         raise ValueError(f"qmatmul config BLOCK_K={cfg['BLOCK_K']} is not a power-of-two multiple of {qk}")
-    n_steps = -(-n_blocks // nb)
+    unroll = int(cfg.get("UNROLL", 1)) if cfg["regime"] == "gemv" else 1
+    if unroll < 1:
+        raise ValueError(f"qmatmul config UNROLL={cfg.get('UNROLL')} must be >= 1")
+    n_steps = -(-n_blocks // (nb * unroll))
     split = cfg.get("SPLIT_K", "auto")
     if split == "auto":
         tiles = -(-N // cfg["BLOCK_N"])
         if cfg["regime"] == "gemv":
-            split = pick_split(tiles, n_steps, target_programs=4 * n_sm, min_steps=2)
+            # M chunks are not counted: the split (hence the K-reduction order) must not depend on M
+            target = GEMV_TARGET_WARPS_PER_SM * n_sm // int(cfg.get("num_warps", 4))
+            split = 1
+            if N * K >= GEMV_SPLIT_MIN_WEIGHTS:
+                split = pick_split(tiles, n_steps, target_programs=target, min_steps=1)
         else:
             # count M tiles at the top of M's bucket, so every M of a bucket gets the same split (and the
             # same K-reduction order: batch invariance inside a bucket)
@@ -159,6 +187,8 @@ def resolve(cfg: dict, M: int, N: int, K: int, qk: int, n_sm: int) -> dict:
             split = pick_split(tiles, n_steps, target_programs=2 * n_sm, min_steps=4)
     split = max(1, min(int(split), n_steps))
     cfg.update(NB=nb, SPLIT_K=split, iters=-(-n_steps // split))
+    if cfg["regime"] == "gemv":
+        cfg["UNROLL"] = unroll
     return cfg
 
 

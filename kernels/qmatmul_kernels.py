@@ -9,7 +9,7 @@ Shared conventions
           (split s starts at block s * iters * NB); see `_block_tile` for the tile edges.
     Per step and per group g (see kernels/_qblocks.py) the weights come as an fp32 [BLOCK_N, NB, R, S] tile
     whose element (n, b, r, j) multiplies x[:, (blk0 + b) * QK + group_offset(g) + r * RSTRIDE + j].
-Regimes: `_qgemv_kernel` (M <= 4, CUDA-core FMAs + tl.sum), `_qgemm_kernel` (tensor cores, computes the
+Regimes: `_qgemv_kernel` (M <= 16, CUDA-core FMAs + tl.sum), `_qgemm_kernel` (tensor cores, computes the
 transposed tile acc[BLOCK_N, BLOCK_M] = W_tile @ x_tile^T so the weight rows fill the MMA's M side even when
 M is 16), `_dequant_kernel` (GGUF -> dense, for the dequantize + torch.matmul regime and for tests).
 """
@@ -39,59 +39,90 @@ def _block_tile(w_ptr, rows, N, row_bytes, blk, n_blocks, TYPE_SIZE: tl.constexp
     return bp[:, :, None, None]
 
 
-@triton.jit(do_not_specialize=_NO_SPECIALIZE)
-def _qgemv_kernel(
-    x_ptr, w_ptr, y_ptr, ws_ptr, bias_ptr, lut_ptr,
-    M, N, K, row_bytes, n_blocks, iters, n_split,
-    QTYPE: tl.constexpr, QK: tl.constexpr, TYPE_SIZE: tl.constexpr, G: tl.constexpr, R: tl.constexpr,
-    S: tl.constexpr, RSTRIDE: tl.constexpr,
-    M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr, HAS_BIAS: tl.constexpr,
-    REDUCE_EACH_STEP: tl.constexpr,
-):
-    """grid (cdiv(N, BLOCK_N), n_split). Two accumulation schemes (a tuning choice):
-    REDUCE_EACH_STEP=False: products accumulate elementwise in an fp32 [M_PAD, BLOCK_N, NB, R, S] tile, reduced
-        once after the K loop: no cross-lane reductions in the loop, but registers grow with the tile.
-    REDUCE_EACH_STEP=True: each step's products are reduced at once into [M_PAD, BLOCK_N]: small accumulator
-        (bigger tiles, more bytes in flight) at the price of in-loop reductions.
-    Every (m, n) sees the same op sequence whatever M is, so rows of y are independent of M."""
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    r = tl.arange(0, R)
-    j = tl.arange(0, S)
-    ko = r[:, None] * RSTRIDE + j[None, :]          # [R, S] element offsets inside a group
-    m_idx = tl.arange(0, M_PAD)
-    x_rows = x_ptr + (m_idx % M) * K                # [M_PAD]; padding rows m >= M re-read row m % M
-    if REDUCE_EACH_STEP:
-        acc = tl.zeros([M_PAD, BLOCK_N], dtype=tl.float32)
-    else:
-        acc = tl.zeros([M_PAD, BLOCK_N, NB, R, S], dtype=tl.float32)
-    blk0 = pid_s * iters * NB
-    for it in range(iters):
-        blk = blk0 + it * NB + tl.arange(0, NB)     # [NB] block indices along K
-        bp = _block_tile(w_ptr, rows, N, row_bytes, blk, n_blocks, TYPE_SIZE)
-        for g in tl.static_range(G):
-            wq = dequant_group(bp, r[None, None, :, None], j[None, None, None, :], g, lut_ptr, QTYPE)
-            # activations at the same element indices: [M_PAD, NB, R, S]
-            k = blk[:, None, None] * QK + group_offset(g, QTYPE) + ko[None, :, :]          # [NB, R, S]
-            xv = tl.load(x_rows[:, None, None, None] + k[None], mask=(k < K)[None], other=0.0).to(tl.float32)
-            prod = wq[None] * xv[:, None]           # [M_PAD, BLOCK_N, NB, R, S]
-            if REDUCE_EACH_STEP:
-                acc += tl.sum(tl.sum(tl.sum(prod, axis=4), axis=3), axis=2)
-            else:
-                acc += prod
-    if REDUCE_EACH_STEP:
-        y = acc
-    else:
-        y = tl.sum(tl.sum(tl.sum(acc, axis=4), axis=3), axis=2)    # [M_PAD, BLOCK_N]
-    out_mask = (m_idx[:, None] < M) & (rows < N)[None, :]
-    offs = m_idx[:, None] * N + rows[None, :]
+@triton.jit
+def _x_chunk(x_ptr, m, M, K, k, k_ok):
+    """fp32 activations x[m, k] (0 where k >= K or m >= M), k an int32 [BLOCK_N, NB, S] tile."""
+    return tl.load(x_ptr + m * K + k, mask=k_ok & ((k * 0 + m) < M), other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _gemv_store(y_ptr, ws_ptr, bias_ptr, acc, m, M, N, rows, pid_s, n_split, HAS_BIAS: tl.constexpr):
+    """Reduce one activation row's [BLOCK_N, NB, S] accumulator along K and store y[m, rows] (or its split's
+    workspace slice)."""
+    y = tl.sum(tl.sum(acc, axis=2), axis=1)        # [BLOCK_N]
+    ok = (rows < N) & ((rows * 0 + m) < M)
     if n_split == 1:
         if HAS_BIAS:
-            y += tl.load(bias_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=out_mask)
-    else:   # this split's [M, N] slice of the fp32 workspace
-        tl.store(ws_ptr + pid_s.to(tl.int64) * M * N + offs, y, mask=out_mask)
+            y += tl.load(bias_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
+        tl.store(y_ptr + m * N + rows, y.to(y_ptr.dtype.element_ty), mask=ok)
+    else:
+        tl.store(ws_ptr + (pid_s.to(tl.int64) * M + m) * N + rows, y, mask=ok)
+
+
+@triton.jit(do_not_specialize=_NO_SPECIALIZE + ["n_mchunks"])
+def _qgemv_kernel(
+    x_ptr, w_ptr, y_ptr, ws_ptr, bias_ptr, lut_ptr,
+    M, N, K, row_bytes, n_blocks, iters, n_split, n_mchunks,
+    QTYPE: tl.constexpr, QK: tl.constexpr, TYPE_SIZE: tl.constexpr, G: tl.constexpr, R: tl.constexpr,
+    S: tl.constexpr, RSTRIDE: tl.constexpr,
+    M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr, UNROLL: tl.constexpr, HAS_BIAS: tl.constexpr,
+):
+    """grid (n_mchunks * cdiv(N, BLOCK_N), n_split); program (pid, s) owns activation rows
+    m0 .. m0 + M_PAD - 1 (M_PAD in {1, 2, 4}, m0 = (pid % n_mchunks) * M_PAD), weight rows
+    (pid // n_mchunks) * BLOCK_N + [0, BLOCK_N) and split s's K range. The M chunks of one weight tile are
+    neighbouring programs, so the weight bytes come from DRAM once and from L2 for the other chunks.
+
+    Layout (why it is fast): every tensor in the K loop has the one shape [BLOCK_N, NB, S] (rows x blocks x
+    contiguous bytes of a group): the packed-byte loads, the activation loads (the same element indices,
+    broadcast over rows by the load itself) and the fp32 accumulators. Triton then gives them all the same
+    register layout (S fastest, coalesced), so the loop has no layout conversion, shared memory or barrier;
+    the R values of a byte (nibbles, crumbs) are separate unrolled steps on the same loaded bytes. Only the
+    per-block scales are [BLOCK_N, NB, 1] loads, broadcast along S: Triton loads them straight in the
+    broadcast layout when BLOCK_N * NB < 32 * num_warps (otherwise one small shared-memory conversion per
+    step). A K step is UNROLL sub-steps of NB blocks with independent loads, to keep more bytes in flight
+    per thread without growing the scale tile. Products accumulate elementwise (one FMA
+    per weight and activation row); the cross-lane tl.sum happens once, after the loop.
+    Every (m, n) sees the same op sequence whatever M and M_PAD are: rows of y are independent of M."""
+    pid = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    m0 = (pid % n_mchunks) * M_PAD
+    rows = (pid // n_mchunks) * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Rows >= N / blocks >= n_blocks are clamped (in-bounds unmasked loads); the clamped rows are dropped by
+    # the store mask and the clamped blocks meet zeroed activations (k >= K).
+    rows_c = tl.minimum(rows, N - 1).to(tl.int64)   # int64: N * row_bytes can pass 2^31 (embeddings)
+    jj = tl.arange(0, S)
+    zero = tl.zeros([BLOCK_N, NB, S], dtype=tl.int32)
+    acc0 = tl.zeros([BLOCK_N, NB, S], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_N, NB, S], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_N, NB, S], dtype=tl.float32)
+    acc3 = tl.zeros([BLOCK_N, NB, S], dtype=tl.float32)
+    blk0 = pid_s * iters * UNROLL * NB
+    for it in range(iters):
+        for h in tl.static_range(UNROLL):
+            blk = blk0 + (it * UNROLL + h) * NB + tl.arange(0, NB)    # [NB] block indices along K
+            blk_c = tl.minimum(blk, n_blocks - 1)
+            # w is [N, row_bytes] uint8: block b of row n starts at byte n * row_bytes + b * TYPE_SIZE
+            bp = w_ptr + rows_c[:, None, None] * row_bytes + (blk_c * TYPE_SIZE)[None, :, None]  # [BN, NB, 1]
+            for g in tl.static_range(G):
+                for rv in tl.static_range(R):
+                    r = tl.full([1, 1, 1], rv, tl.int32)
+                    wq = dequant_group(bp, r, jj[None, None, :], g, lut_ptr, QTYPE)   # [BLOCK_N, NB, S]
+                    # element index along K of wq[n, b, j]; + zero gives it the full tile shape (see above)
+                    e0 = group_offset(g, QTYPE) + rv * RSTRIDE
+                    k = (blk[:, None] * QK + e0 + jj[None, :])[None] + zero
+                    k_ok = k < K
+                    acc0 += wq * _x_chunk(x_ptr, m0, M, K, k, k_ok)
+                    if M_PAD > 1:
+                        acc1 += wq * _x_chunk(x_ptr, m0 + 1, M, K, k, k_ok)
+                    if M_PAD > 2:
+                        acc2 += wq * _x_chunk(x_ptr, m0 + 2, M, K, k, k_ok)
+                        acc3 += wq * _x_chunk(x_ptr, m0 + 3, M, K, k, k_ok)
+    _gemv_store(y_ptr, ws_ptr, bias_ptr, acc0, m0, M, N, rows, pid_s, n_split, HAS_BIAS)
+    if M_PAD > 1:
+        _gemv_store(y_ptr, ws_ptr, bias_ptr, acc1, m0 + 1, M, N, rows, pid_s, n_split, HAS_BIAS)
+    if M_PAD > 2:
+        _gemv_store(y_ptr, ws_ptr, bias_ptr, acc2, m0 + 2, M, N, rows, pid_s, n_split, HAS_BIAS)
+        _gemv_store(y_ptr, ws_ptr, bias_ptr, acc3, m0 + 3, M, N, rows, pid_s, n_split, HAS_BIAS)
 
 
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)

@@ -108,20 +108,23 @@ def test_qmatmul_triton_matches_ref(qtype, case, device):
 @pytest.mark.parametrize("qtype,dtype", [(GGMLType.Q4_0, torch.float32), (GGMLType.Q5_1, torch.float16),
                                          (GGMLType.Q3_K, torch.float16), (GGMLType.Q6_K, torch.float32)],
                          ids=lambda v: getattr(v, "name", str(v)[6:]))
-@pytest.mark.parametrize("regime,M", [("gemv", 2), ("gemm", 20)])
+@pytest.mark.parametrize("regime,M", [("gemv", 6), ("gemm", 20)])
 def test_split_k_with_bias(qtype, dtype, regime, M, device):
     """Split-K (fp32 workspace + ordered reduction) with the last split running past K, two programs along N,
-    and the bias added in the reduction."""
+    and the bias added in the reduction (GEMV: two M chunks, the second partial; UNROLL 1 and 2)."""
     K = 2304
     N = 37
+    if regime == "gemv" and qtype in KQUANT:
+        M = 2   # one M chunk: 16 unrolled group x crumb steps per K step are slow under the interpreter
     w = make_qtensor(qtype, N, K, seed=3, device=device)
     x = torch.randn(M, K).to(dtype).to(device)
     bias = torch.randn(N).to(dtype).to(device)
-    # the GEMV's two accumulation schemes are both covered (REDUCE_EACH_STEP only matters for "gemv")
-    cfg = dict(regime=regime, BLOCK_M=16, BLOCK_N=32, BLOCK_K=512, SPLIT_K=3,
-               REDUCE_EACH_STEP=qtype in (GGMLType.Q5_1, GGMLType.Q6_K))
+    # UNROLL (K sub-steps per GEMV step) only matters for "gemv"
+    unroll = 2 if (qtype == GGMLType.Q5_1 and regime == "gemv") else 1
+    cfg = dict(regime=regime, BLOCK_M=16, BLOCK_N=32, BLOCK_K=512 // unroll, SPLIT_K=3, UNROLL=unroll)
     resolved = qcfg.resolve(cfg, M, N, K, GEOMETRY[qtype].qk, 1)
-    assert resolved["SPLIT_K"] == 3 and resolved["iters"] * 3 * resolved["NB"] * GEOMETRY[qtype].qk > K
+    k_per_step = resolved["NB"] * GEOMETRY[qtype].qk * (unroll if regime == "gemv" else 1)
+    assert resolved["SPLIT_K"] == 3 and resolved["iters"] * 3 * k_per_step > K
     assert_close(qmatmul_triton(x, w, bias, config=cfg), qmatmul_ref(x, w, bias), dtype, f"{qtype.name} split-K")
 
 
@@ -146,15 +149,17 @@ def test_dequant_regime(qtype, dtype, device):
 
 @pytest.mark.parametrize("qtype", [GGMLType.Q4_0, GGMLType.Q4_K], ids=lambda t: t.name)
 def test_batch_invariance(qtype, device):
-    """Row i of y does not depend on M (bitwise) within a regime's config: all M <= 4 (GEMV) and, for the
-    GEMM, every M of one bucket (the interpreter has a single GEMM config, so there any M)."""
+    """Row i of y does not depend on M (bitwise) within a regime's config: all M <= GEMV_MAX_M (GEMV; M = 5
+    and 16 span several M chunks) and, for the GEMM, every M of one bucket (the interpreter has a single GEMM
+    config, so there any M)."""
     K = 512
     w = make_qtensor(qtype, 21, K, seed=5, device=device)
     x = torch.randn(129, K, device=device)
-    gemv = [qmatmul_triton(x[:m], w) for m in (1, 2, 3, 4)]
+    gemv = [qmatmul_triton(x[:m], w) for m in (1, 2, 3, 4, 5, qcfg.GEMV_MAX_M)]
     for y in gemv[1:]:
         assert torch.equal(y[:1], gemv[0])
-    ms = (16, 17, 127, 128, 129) if device == "cpu" else (17, 25, 32)
+    assert torch.equal(gemv[-1][:5], gemv[-2])      # rows 1..4 too, across the chunk boundary
+    ms = (17, 127, 128, 129) if device == "cpu" else (17, 25, 32)
     cfg = None if device == "cpu" else dict(regime="gemm", **qcfg.GEMM_CONFIGS[2], SPLIT_K="auto")
     gemm = [qmatmul_triton(x[:m], w, config=cfg) for m in ms]
     for y in gemm[1:]:
@@ -281,9 +286,11 @@ def test_unsupported_type():
 
 def test_bad_config(device):
     w = make_qtensor(GGMLType.Q4_0, 8, 256, device=device)
-    x = torch.randn(9, 256, device=device)
-    with pytest.raises(ValueError, match="GEMV regime takes M <= 4, got M=9"):
+    x = torch.randn(17, 256, device=device)
+    with pytest.raises(ValueError, match="GEMV regime takes M <= 16, got M=17"):
         qmatmul_triton(x, w, config=dict(regime="gemv", BLOCK_N=16, BLOCK_K=256))
+    with pytest.raises(ValueError, match="UNROLL=0 must be >= 1"):
+        qmatmul_triton(x[:2], w, config=dict(regime="gemv", BLOCK_N=16, BLOCK_K=256, UNROLL=0))
     with pytest.raises(ValueError, match="BLOCK_K=96 is not a power-of-two multiple of 32"):
         qmatmul_triton(x[:2], w, config=dict(regime="gemv", BLOCK_N=16, BLOCK_K=96))
     if device == "cpu" and not torch.cuda.is_available():
@@ -296,8 +303,9 @@ def test_bad_config(device):
 # configs: buckets, tuned-table lookup, split heuristic, shipped JSON files are legal
 
 def test_m_buckets():
-    assert [qcfg.m_bucket(m) for m in (1, 4, 5, 8, 9, 16, 17, 129, 4096, 100000)] == \
-        ["gemv", "gemv", "m8", "m8", "m16", "m16", "m32", "m256", "m4096", "m4096"]
+    assert qcfg.GEMV_MAX_M == 16
+    assert [qcfg.m_bucket(m) for m in (1, 4, 5, 8, 9, 16, 17, 33, 129, 4096, 100000)] == \
+        ["gemv"] * 6 + ["m32", "m64", "m256", "m4096", "m4096"]
 
 
 def test_tuned_table_lookup(tmp_path, monkeypatch):
@@ -317,24 +325,32 @@ def test_tuned_table_lookup(tmp_path, monkeypatch):
         star = pick(3, 896, 4864)
         assert (star["BLOCK_N"], star["NB"]) == (16, 2) and star["SPLIT_K"] >= 1
         assert pick(200, 4096, 4096)["regime"] == "dequant"
-        assert pick(16, 4096, 4096)["regime"] == "gemm"                       # heuristic fallback
-        assert pick(1, 4096, 4096, GGMLType.Q4_0)["BLOCK_N"] == 16            # other type: heuristic
+        assert pick(17, 4096, 4096)["regime"] == "gemm"                       # heuristic fallback
+        other = pick(1, 4096, 4096, GGMLType.Q4_0)                           # other type: heuristic
+        assert other["BLOCK_N"] == qcfg.DEFAULT_GEMV[32]["BLOCK_N"] and other["regime"] == "gemv"
     finally:
         qcfg.clear_cache()
 
 
 def test_split_heuristic():
-    # N alone fills the GPU: no split; a narrow layer with a long K: split until ~4 programs per SM
-    assert qcfg.resolve(qcfg.heuristic(1, 14336, 4096, 32, 132), 1, 14336, 4096, 32, 132)["SPLIT_K"] == 1
-    cfg = qcfg.resolve(qcfg.heuristic(1, 4096, 14336, 32, 132), 1, 4096, 14336, 32, 132)
-    tiles = -(-4096 // cfg["BLOCK_N"])
-    assert tiles * cfg["SPLIT_K"] <= 4 * 132 < tiles * cfg["SPLIT_K"] * 2 and cfg["SPLIT_K"] > 1
-    assert cfg["SPLIT_K"] * cfg["iters"] * cfg["NB"] * 32 >= 14336
+    # N alone fills the GPU, or the layer is small (an extra launch costs more than it saves): no split;
+    # a big narrow layer: split K until ~GEMV_TARGET_WARPS_PER_SM warps per SM
+    for N, K in ((14336, 4096), (4096, 14336), (896, 4864)):
+        assert qcfg.resolve(qcfg.heuristic(1, N, K, 32, 132), 1, N, K, 32, 132)["SPLIT_K"] == 1
+    N, K = 512, 65536
+    cfg = qcfg.resolve(qcfg.heuristic(1, N, K, 32, 132), 1, N, K, 32, 132)
+    tiles = -(-N // cfg["BLOCK_N"])
+    target = qcfg.GEMV_TARGET_WARPS_PER_SM * 132 // cfg["num_warps"]
+    assert tiles * cfg["SPLIT_K"] <= target < tiles * cfg["SPLIT_K"] * 2 and cfg["SPLIT_K"] > 1
+    assert cfg["SPLIT_K"] * cfg["iters"] * cfg["NB"] * cfg["UNROLL"] * 32 >= K
+    # the split does not depend on M inside the GEMV regime (batch invariance)
+    assert {qcfg.resolve(qcfg.heuristic(m, N, K, 32, 132), m, N, K, 32, 132)["SPLIT_K"]
+            for m in range(1, qcfg.GEMV_MAX_M + 1)} == {cfg["SPLIT_K"]}
     assert qcfg.choose(1, 4096, 14336, GGMLType.Q4_0, 32, interpret=True)["SPLIT_K"] == 1
 
 
 def test_shipped_config_files_are_legal():
-    known = {"regime", "BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "num_warps", "num_stages", "REDUCE_EACH_STEP"}
+    known = {"regime", "BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "num_warps", "num_stages", "UNROLL"}
     for path in qcfg.CONFIG_DIR.glob("qmatmul_*.json"):
         table = json.loads(path.read_text())
         for tname, buckets in table["configs"].items():

@@ -8,7 +8,7 @@ import torch
 from test_qmatmul import assert_close, make_qtensor  # shared weight maker and tolerance table
 
 from kernels import qmatmul_configs as qcfg
-from kernels._qblocks import SUPPORTED
+from kernels._qblocks import GEOMETRY, SUPPORTED
 from kernels.qmatmul import dequant_cache, qmatmul_ref, qmatmul_torch, qmatmul_triton
 from kernels.quant import GGMLType
 
@@ -23,11 +23,12 @@ def _x(M, K, dtype, seed=0):
 
 @pytest.mark.parametrize("qtype", SUPPORTED, ids=lambda t: t.name)
 def test_every_type_bf16(qtype):
-    """Whatever the table / heuristic picks for decode (M=1, 3: GEMV) and a small batch (M=16: GEMM), bias on."""
+    """Whatever the table / heuristic picks for decode (M=1, 3, 16: GEMV, M chunks of 4) and a small batch
+    (M=20: GEMM), bias on."""
     N, K = 1001, 4096
     w = make_qtensor(qtype, N, K, seed=1, device=DEV)
     bias = torch.randn(N, device=DEV).bfloat16()
-    for M in (1, 16):
+    for M in (1, 3, 16, 20):
         x = _x(M, K, torch.bfloat16, seed=M)
         assert_close(qmatmul_triton(x, w), qmatmul_ref(x, w), torch.bfloat16, f"{qtype.name} M={M}")
         assert_close(qmatmul_triton(x, w, bias), qmatmul_ref(x, w, bias), torch.bfloat16, f"{qtype.name} bias")
@@ -54,14 +55,16 @@ def test_fp16_fp32_activations(qtype, dtype, M):
     assert_close(qmatmul_triton(x, w), qmatmul_ref(x, w), dtype, f"{qtype.name} M={M} {dtype}")
 
 
-@pytest.mark.parametrize("i", range(len(qcfg.GEMV_CONFIGS)))
-def test_each_gemv_config(i):
-    """Q4_0 has the widest GEMV tiles (NB = BLOCK_K / 32). M=1 here (the configs also compile for M_PAD 2, 4
-    and every type: checked offline with ptxas for sm_90)."""
-    cfg = dict(regime="gemv", **qcfg.GEMV_CONFIGS[i], SPLIT_K="auto")
-    w = make_qtensor(GGMLType.Q4_0, 4096, 4096, seed=3, device=DEV, random_bytes=True)
-    x = _x(1, 4096, torch.bfloat16)
-    assert_close(qmatmul_triton(x, w, config=cfg), qmatmul_ref(x, w), torch.bfloat16, str(cfg))
+@pytest.mark.parametrize("qtype,i", [(t, i) for t in (GGMLType.Q4_0, GGMLType.Q4_K)
+                                     for i in range(len(qcfg.GEMV_CONFIGS[GEOMETRY[t].qk]))], ids=str)
+def test_each_gemv_config(qtype, i):
+    """Every GEMV candidate of its block size, M=1 (M_PAD 1) and M=5 (two chunks, M_PAD 4); the lists also
+    compile for the other types (checked offline with ptxas for sm_90: bench/qmatmul_aot.py)."""
+    cfg = dict(regime="gemv", **qcfg.GEMV_CONFIGS[GEOMETRY[qtype].qk][i], SPLIT_K="auto")
+    w = make_qtensor(qtype, 4096, 4096, seed=3, device=DEV, random_bytes=True)
+    for M in (1, 5):
+        x = _x(M, 4096, torch.bfloat16)
+        assert_close(qmatmul_triton(x, w, config=cfg), qmatmul_ref(x, w), torch.bfloat16, f"M={M} {cfg}")
 
 
 @pytest.mark.parametrize("i", range(len(qcfg.GEMM_CONFIGS)))
@@ -73,7 +76,8 @@ def test_each_gemm_config(i):
 
 
 def test_layer_shape_and_split_k_determinism():
-    """A real decoder shape (down-proj 4096 x 14336: split-K is chosen at M=1) and a prefill tile."""
+    """A real decoder shape (down-proj 4096 x 14336; the default GEMV does not split K there, so split-K is
+    forced below) and a prefill tile."""
     N, K = 4096, 14336
     w = make_qtensor(GGMLType.Q4_K, N, K, seed=5, device=DEV, random_bytes=True)
     for M in (1, 8, 256):
@@ -93,9 +97,10 @@ def test_batch_invariance_gpu(qtype):
     N, K = 777, 2048
     w = make_qtensor(qtype, N, K, seed=6, device=DEV)
     x = _x(32, K, torch.bfloat16)
-    gemv = [qmatmul_triton(x[:m], w) for m in (1, 2, 3, 4)]
+    gemv = [qmatmul_triton(x[:m], w) for m in (1, 2, 3, 4, 5, 16)]
     for y in gemv[1:]:
         assert torch.equal(y[:1], gemv[0])
+    assert torch.equal(gemv[-1][:5], gemv[-2])
     cfg = dict(regime="gemm", **qcfg.GEMM_CONFIGS[2], SPLIT_K="auto")   # bucket m32: M 17 … 32
     gemm = [qmatmul_triton(x[:m], w, config=cfg) for m in (17, 25, 32)]
     for y in gemm[1:]:
@@ -124,11 +129,11 @@ def test_tuned_table_for_this_gpu_is_legal():
         pytest.skip(f"no tuned table {path.name} for {name}")
     table = json.loads(path.read_text())["configs"]
     for tname, buckets in table.items():
-        for bucket in ("gemv", "m16"):
+        for bucket in ("gemv", "m32"):
             cfg = buckets.get(bucket, {}).get("4096x4096")
             if cfg is None:
                 continue
-            M = 1 if bucket == "gemv" else 16
+            M = 1 if bucket == "gemv" else 32
             w = make_qtensor(GGMLType[tname], 4096, 4096, device=DEV, random_bytes=True)
             x = _x(M, 4096, torch.bfloat16)
             assert_close(qmatmul_triton(x, w, config=cfg), qmatmul_ref(x, w), torch.bfloat16,

@@ -1,0 +1,102 @@
+"""Offline (no GPU) sm_90 compile of the qmatmul GEMV for every type x GEMV candidate x M chunk size.
+
+    python bench/qmatmul_aot.py [--types Q4_0,Q4_K] [--mpad 1,4] [--xdtype bf16]
+
+Prints per compile: registers and spill bytes (ptxas -v from Triton's bundled CUDA tools), shared memory, and
+the number of `ttg.convert_layout` ops inside the K loop (each a shared-memory round trip + barrier), plus the
+global load widths and int->float conversions in the PTX. Exit status 1 if any compile fails, spills, or has a
+layout conversion in the loop. Uses the installed Triton (run it with the GPU machine's version to match).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource, make_backend  # noqa: E402
+
+from kernels import qmatmul_configs as qcfg  # noqa: E402
+from kernels._qblocks import GEOMETRY  # noqa: E402
+from kernels.qmatmul_kernels import _qgemv_kernel  # noqa: E402
+from kernels.quant import GGMLType  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+PTXAS = [_BIN / "ptxas", _BIN / "ptxas-blackwell"]     # newer Triton emits PTX only the second one reads
+
+
+def compile_gemv(qtype: GGMLType, cfg: dict, m_pad: int, xdt: str):
+    geom = GEOMETRY[qtype]
+    cx = dict(QTYPE=int(qtype), **geom.constexprs(), M_PAD=m_pad, BLOCK_N=cfg["BLOCK_N"],
+              NB=max(1, cfg["BLOCK_K"] // geom.qk), UNROLL=cfg.get("UNROLL", 1), HAS_BIAS=False)
+    types = dict(x_ptr=f"*{xdt}", w_ptr="*u8", y_ptr=f"*{xdt}", ws_ptr="*fp32", bias_ptr=f"*{xdt}",
+                 lut_ptr="*fp32")
+    fn = _qgemv_kernel
+    sig = {n: ("constexpr" if n in cx else types.get(n, "i32")) for n in fn.arg_names}
+    # what the launcher's runtime specialisation sees: 16-byte aligned pointers, K and row_bytes % 16 == 0
+    div16 = ["x_ptr", "w_ptr", "y_ptr", "ws_ptr", "bias_ptr", "lut_ptr", "K", "row_bytes"]
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in div16}
+    opts = make_backend(TARGET).parse_options({"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]})
+    return triton.compile(ASTSource(fn, sig, cx, attrs), target=TARGET, options=opts.__dict__)
+
+
+def facts(k) -> dict:
+    ptx, ttgir = k.asm["ptx"], k.asm["ttgir"]
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(ptx)
+    txt = ""
+    for exe in (p for p in PTXAS if p.is_file()):
+        out = subprocess.run([str(exe), "-arch=sm_90a", "-v", f.name, "-o", os.devnull],
+                             capture_output=True, text=True)
+        txt = out.stderr + out.stdout
+        if "Used" in txt:
+            break
+    os.unlink(f.name)
+    lo = ttgir.index("scf.for")
+    loop = ttgir[lo:ttgir.index("scf.yield", lo)]
+    return dict(regs=int(re.findall(r"Used (\d+) registers", txt)[0]),
+                spill=int(re.findall(r"(\d+) bytes spill stores", txt)[0]),
+                smem=k.metadata.shared, cvt_in_loop=loop.count("ttg.convert_layout"),
+                i2f=len(re.findall(r"cvt\.rn\.f32\.[su](?:8|16|32)", ptx)),
+                loads=dict(collections.Counter(re.findall(r"ld\.global(?:\.[a-z0-9]+)*", ptx))))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--types", default=",".join(t.name for t in GEOMETRY))
+    ap.add_argument("--mpad", default="1,4")
+    ap.add_argument("--xdtype", default="bf16")
+    args = ap.parse_args()
+    print(f"triton {triton.__version__}, sm_90, x {args.xdtype}")
+    bad = 0
+    for tname in args.types.split(","):
+        qtype = GGMLType[tname]
+        for cfg in qcfg.GEMV_CONFIGS[GEOMETRY[qtype].qk]:
+            for m_pad in (int(m) for m in args.mpad.split(",")):
+                tag = (f"{tname:<7}BN={cfg['BLOCK_N']:<2} BK={cfg['BLOCK_K']:<5} U={cfg.get('UNROLL', 1)} "
+                       f"w={cfg['num_warps']} M_PAD={m_pad}")
+                try:
+                    f = facts(compile_gemv(qtype, cfg, m_pad, args.xdtype))
+                except Exception as e:      # report and go on: the summary counts it
+                    print(f"{tag}  FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+                    bad += 1
+                    continue
+                bad += bool(f["spill"] or f["cvt_in_loop"])
+                print(f"{tag}  regs={f['regs']:<3} spill={f['spill']:<4} smem={f['smem']:<5} "
+                      f"cvt_in_loop={f['cvt_in_loop']} i2f={f['i2f']} {f['loads']}", flush=True)
+    print("ALL OK" if not bad else f"{bad} compile(s) failed, spilled or convert in the loop")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
