@@ -9,6 +9,10 @@ Choice per call:
 
 With ``TRITON_INTERPRET=1`` and ``VLM_KERNELS=triton`` the Triton kernels run on CPU tensors through the
 interpreter: that is how CI exercises them.
+
+Each op names three functions: ``triton`` (the kernel launcher), ``ref`` (the plain-torch spec the tests compare
+against) and ``torch`` (what runs when Triton is not chosen: a faster torch implementation of the same function,
+held to ``ref`` by tests/test_cpu_fast.py; defaults to ``ref``). "torch" in choose()/explain() means that one.
 """
 from __future__ import annotations
 
@@ -26,19 +30,27 @@ log = logging.getLogger("kernels")
 @dataclass(frozen=True)
 class OpSpec:
     name: str
-    triton: str  # "module:function"
-    ref: str     # "module:function"
+    triton: str      # "module:function"
+    ref: str         # "module:function": the spec
+    torch: str = ""  # "module:function" run when Triton is not chosen; "" = ref
+
+    @property
+    def torch_impl(self) -> str:
+        return self.torch or self.ref
 
 
 # The table: one line per op. Implementations are imported lazily so that `import kernels` stays cheap.
 OPS: dict[str, OpSpec] = {s.name: s for s in [
-    OpSpec("qmatmul", "kernels.qmatmul:qmatmul_triton", "kernels.qmatmul:qmatmul_torch"),
-    OpSpec("attention", "kernels.attention:attention_triton", "kernels.attention:attention_ref"),
+    OpSpec("qmatmul", "kernels.qmatmul:qmatmul_triton", "kernels.qmatmul:qmatmul_ref",
+           "kernels.qmatmul:qmatmul_torch"),
+    OpSpec("attention", "kernels.attention:attention_triton", "kernels.attention:attention_ref",
+           "kernels.cpu_fast:attention_torch"),
     OpSpec("decode_attention", "kernels.decode_attention:decode_attention_triton",
-           "kernels.decode_attention:decode_attention_ref"),
-    OpSpec("rms_norm", "kernels.norm:rms_norm_triton", "kernels.norm:rms_norm_ref"),
-    OpSpec("layer_norm", "kernels.norm:layer_norm_triton", "kernels.norm:layer_norm_ref"),
-    OpSpec("rope", "kernels.rope:rope_triton", "kernels.rope:rope_ref"),
+           "kernels.decode_attention:decode_attention_ref", "kernels.cpu_fast:decode_attention_torch"),
+    OpSpec("rms_norm", "kernels.norm:rms_norm_triton", "kernels.norm:rms_norm_ref", "kernels.cpu_fast:rms_norm_torch"),
+    OpSpec("layer_norm", "kernels.norm:layer_norm_triton", "kernels.norm:layer_norm_ref",
+           "kernels.cpu_fast:layer_norm_torch"),
+    OpSpec("rope", "kernels.rope:rope_triton", "kernels.rope:rope_ref", "kernels.cpu_fast:rope_torch"),
     OpSpec("patch_embed", "kernels.patch_embed:patch_embed_triton", "kernels.patch_embed:patch_embed_ref"),
 ]}
 
@@ -104,15 +116,16 @@ def _load(target: str) -> Callable:
     return getattr(module, fn)
 
 
-_logged: set[str] = set()
-
-
 def _tensors_on_cuda(args, kwargs) -> bool | None:
     """True/False from the first tensor-like argument (QTensor included), None if there is none."""
-    for a in list(args) + list(kwargs.values()):
-        dev = getattr(a, "device", None)
-        if dev is not None and hasattr(dev, "type"):
-            return dev.type == "cuda"
+    for group in (args, kwargs.values()):
+        for a in group:
+            is_cuda = getattr(a, "is_cuda", None)   # torch.Tensor: a cheap attribute
+            if is_cuda is not None:
+                return bool(is_cuda)
+            dev = getattr(a, "device", None)
+            if dev is not None and hasattr(dev, "type"):
+                return dev.type == "cuda"
     return None
 
 
@@ -139,13 +152,35 @@ def choose(name: str, on_cuda: bool | None = None) -> tuple[str, str]:
     return "torch", f"auto: {why}"
 
 
+# choose() results per (op, on_cuda, VLM_KERNELS, TRITON_INTERPRET): the environment is re-read on every call
+# (tests change it) but the decision logic runs once per combination. Errors are never cached.
+_choice_cache: dict[tuple, tuple[str, str]] = {}
+
+
+# os.environ.get encodes the key on every call; CPython keeps the encoded mapping in os.environ._data (updated by
+# every os.environ / monkeypatch.setenv write), which reads ~10x faster on the per-op hot path.
+_ENV_DATA = getattr(os.environ, "_data", None)
+_ENV_KEYS = (os.environ.encodekey("VLM_KERNELS"), os.environ.encodekey("TRITON_INTERPRET")) \
+    if _ENV_DATA is not None and hasattr(os.environ, "encodekey") else None
+
+
+def _env_key() -> tuple:
+    if _ENV_KEYS is not None:
+        return _ENV_DATA.get(_ENV_KEYS[0]), _ENV_DATA.get(_ENV_KEYS[1])
+    return os.environ.get("VLM_KERNELS"), os.environ.get("TRITON_INTERPRET")  # pragma: no cover
+
+
 def call(name: str, *args, **kwargs):
-    impl, why = choose(name, _tensors_on_cuda(args, kwargs))
-    spec = OPS[name]
-    if impl == "torch" and name not in _logged and _mode() == "auto":
-        _logged.add(name)
-        log.info("kernels.%s -> torch reference (%s)", name, why)
-    return _load(spec.triton if impl == "triton" else spec.ref)(*args, **kwargs)
+    key = (name, _tensors_on_cuda(args, kwargs), _env_key())
+    hit = _choice_cache.get(key)
+    if hit is None:
+        impl, why = choose(name, key[1])
+        spec = OPS[name]
+        target = spec.triton if impl == "triton" else spec.torch_impl
+        if impl == "torch" and _mode() == "auto":
+            log.info("kernels.%s -> torch (%s: %s)", name, target, why)
+        hit = _choice_cache[key] = (impl, target)
+    return _load(hit[1])(*args, **kwargs)
 
 
 def explain(file=None) -> str:
@@ -155,10 +190,11 @@ def explain(file=None) -> str:
     for name, spec in OPS.items():
         try:
             impl, why = choose(name)
-            target = spec.triton if impl == "triton" else spec.ref
+            target = spec.triton if impl == "triton" else spec.torch_impl
         except KernelUnavailableError as e:
             impl, why, target = "ERROR", str(e), "-"
-        lines.append(f"  {name:<17} {impl:<6} {target:<52} {why}")
+        spec_note = f"  [spec: {spec.ref}]" if impl == "torch" and spec.torch_impl != spec.ref else ""
+        lines.append(f"  {name:<17} {impl:<6} {target:<52} {why}{spec_note}")
     text = "\n".join(lines)
     if file is not None:
         print(text, file=file)
