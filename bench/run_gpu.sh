@@ -18,9 +18,18 @@ run() { local name=$1 lim=$2; shift 2; echo "=== $name (limit ${lim}s)"; s=$(dat
 BENCHES=${2:-qmatmul attention patch_embed norm_rope dequant audio}
 TEST_S=${3:-240}
 [ "$TEST_S" -gt 0 ] && run gpu_tests "$TEST_S" python3 -m pytest -q -m gpu tests -p no:cacheprovider -rfE --continue-on-collection-errors
+# Optional qmatmul tuning first (QMM_TUNE_S=seconds): winners JSON for this GPU, used by the qmatmul bench.
+if [ -n "${QMM_TUNE_S:-}" ]; then
+  gpu=$(python3 -c "import torch,re; print(re.sub(r'[^a-z0-9]+','_',torch.cuda.get_device_name().lower()).strip('_'))")
+  export VLM_QMATMUL_CONFIGS="$OUT/results/qmatmul_$gpu.json"
+  run qmatmul_tune $(( QMM_TUNE_S + 15 )) python3 bench/bench_qmatmul.py --tune --quick --types "${QMM_TUNE_TYPES:-Q4_0,Q4_K}" \
+      --tune-ms 1,16 --budget-s "$QMM_TUNE_S" --tune-out "$VLM_QMATMUL_CONFIGS"
+  [ -f "$VLM_QMATMUL_CONFIGS" ] || unset VLM_QMATMUL_CONFIGS
+fi
 for b in $BENCHES; do
   lim=${b#*:}; b=${b%%:*}; [ "$lim" = "$b" ] && lim=120
-  [ -f bench/bench_$b.py ] && run bench_$b "$lim" python3 bench/bench_$b.py --out "$OUT/results"
+  args_var="ARGS_$b"; args=${!args_var:-}
+  [ -f bench/bench_$b.py ] && run bench_$b "$lim" python3 bench/bench_$b.py --out "$OUT/results" $args
 done
 echo "total $(( $(date +%s) - t0 ))s"
 tar -czf "$OUT/results.tar.gz" -C "$OUT" results
