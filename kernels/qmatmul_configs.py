@@ -31,9 +31,11 @@ from kernels.quant import GGMLType
 GEMV_MAX_M = 16
 GEMV_M_CHUNK = 4       # activation rows per GEMV program (M_PAD of _qgemv_kernel)
 CONFIG_DIR = Path(__file__).parent / "configs"
-# Before any measurement on a GPU, fused GEMM is used below this M and dequantize + torch.matmul from it on.
-# A tuned JSON replaces this guess per type and M bucket (its entries say "regime": "dequant").
-DEFAULT_DEQUANT_MIN_M = 512
+# Fused GEMM is used below this M and dequantize + torch.matmul from it on, unless a tuned JSON says otherwise
+# per type and M bucket (its entries say "regime": "dequant"). Measured on an H100 (bench/results/qmatmul.csv):
+# at M=256 on 4096x14336-class layers dequant + cuBLAS ran at 0.81-0.89x bf16 torch.matmul, the fused GEMM
+# at 0.11-0.25x.
+DEFAULT_DEQUANT_MIN_M = 256
 
 # Candidate lists swept by --tune (and compiled once each by the GPU tests). Small on purpose.
 # GEMV (_qgemv_kernel): a K step is UNROLL sub-steps; per sub-step and per group/nibble a program holds a
