@@ -359,6 +359,52 @@ def _encode(t: torch.Tensor, qtype: GGMLType) -> np.ndarray:
     return kq(t.contiguous(), qtype).data.cpu().numpy()
 
 
+# A planned tensor as the writer helpers below take it: GGUF name, torch-order shape, GGUF type, loader (-> f32).
+TensorPlan = tuple[str, tuple[int, ...], GGMLType, Callable[[], torch.Tensor]]
+
+
+def add_tensor_table(w: gguf.GGUFWriter, hf_dir: Path, tensors: list[TensorPlan], file_kind: str) -> None:
+    """Tensor infos, `general.type` and the model card (llama.cpp's order) — shared by every converter."""
+    for name, shape, qtype, _ in tensors:
+        w.add_tensor_info(name, shape, np.dtype(np.float32), _nbytes(qtype, shape), raw_dtype=qtype)
+    total = sum(math.prod(shape) for _, shape, _, _ in tensors)
+    w.add_type(file_kind)
+    meta = gguf.Metadata.load(None, hf_dir, None, total)
+    if meta.name is None:
+        meta.name = hf_dir.name
+    if meta.size_label is None and total > 0:
+        meta.size_label = gguf.size_label(total, 0, 0, 0)
+    meta.set_gguf_meta_model(w)
+
+
+def write_planned(w: gguf.GGUFWriter, out_path: Path, tensors: list[TensorPlan], *, desc: str,
+                  progress: bool) -> Path:
+    """Header, metadata and tensor table, then each tensor loaded, checked and encoded one at a time (so peak
+    memory is one tensor), with an optional progress bar. Closes the writer."""
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    w.write_header_to_file(path=out_path)
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(tensors), desc=desc, unit="tensor", leave=False)
+    try:
+        for name, shape, qtype, load in tensors:
+            t = load()
+            if tuple(t.shape) != shape:
+                raise ConvertError(f"{name}: planned shape {shape}, got {tuple(t.shape)}")
+            w.write_tensor_data(_encode(t, qtype))
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix_str(name)
+    finally:
+        if bar is not None:
+            bar.close()
+        w.close()
+    return out_path
+
+
 def plan_tensors(hf_dir: Path, spec: ArchSpec, hp: dict, src: _Source, ftype: LlamaFileType,
                  n_vocab_real: int | None) -> list[_Planned]:
     n_layer = hp["num_hidden_layers"]
@@ -441,39 +487,10 @@ def convert(hf_dir, out_path, outtype: str = "f32", *, progress: bool = True) ->
 
     from vlm.quantize import _writer  # GGUFWriter with bulk packing of long vocabulary arrays
     w = _writer(gguf.MODEL_ARCH_NAMES[spec.arch])
-    for p in plan:
-        w.add_tensor_info(p.gguf_name, p.shape, np.dtype(np.float32), _nbytes(p.qtype, p.shape), raw_dtype=p.qtype)
-    total_params = sum(math.prod(p.shape) for p in plan)
-    w.add_type(gguf.GGUFType.MODEL)
-    meta = gguf.Metadata.load(None, hf_dir, None, total_params)
-    if meta.name is None:
-        meta.name = hf_dir.name
-    if meta.size_label is None and total_params > 0:
-        meta.size_label = gguf.size_label(total_params, 0, 0, 0)
-    meta.set_gguf_meta_model(w)
+    tensors = [(p.gguf_name, p.shape, p.qtype, p.load) for p in plan]
+    add_tensor_table(w, hf_dir, tensors, gguf.GGUFType.MODEL)
     write_arch_params(w, spec, hp, ftype)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     vocab.add_to(w)
 
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    w.write_header_to_file(path=out_path)
-    w.write_kv_data_to_file()
-    w.write_ti_data_to_file()
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=len(plan), desc=f"convert {hf_arch} -> {key}", unit="tensor", leave=False)
-    try:
-        for p in plan:
-            t = p.load()
-            if tuple(t.shape) != p.shape:
-                raise ConvertError(f"{p.gguf_name}: planned shape {p.shape}, got {tuple(t.shape)}")
-            w.write_tensor_data(_encode(t, p.qtype))
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix_str(p.gguf_name)
-    finally:
-        if bar is not None:
-            bar.close()
-        w.close()
-    return out_path
+    return write_planned(w, out_path, tensors, desc=f"convert {hf_arch} -> {key}", progress=progress)

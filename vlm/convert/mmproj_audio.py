@@ -42,14 +42,13 @@ import re
 from pathlib import Path
 
 import gguf
-import numpy as np
 import torch
 from gguf import GGMLQuantizationType as GGMLType
 from gguf import LlamaFileType
 from gguf import MODEL_TENSOR as MT
 from gguf import TENSOR_NAMES
 
-from .hf_to_gguf import ConvertError, _encode, _nbytes, _Source
+from .hf_to_gguf import ConvertError, _Source, add_tensor_table, write_planned
 from .mmproj import _FTYPE_QTYPE, MMPROJ_OUTTYPES, _Planned, _read_json
 
 AUDIO_SPECS: dict[str, str] = {
@@ -217,16 +216,8 @@ def convert_audio_mmproj(hf_dir, out_path, outtype: str = "f32", *, progress: bo
 
     # ---- metadata (llama.cpp order: type, model card, MmprojModel.set_gguf_parameters, subclass) ----------
     w = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.MMPROJ])
-    for p in plan:
-        w.add_tensor_info(p.name, p.shape, np.dtype(np.float32), _nbytes(p.qtype, p.shape), raw_dtype=p.qtype)
-    total = sum(math.prod(p.shape) for p in plan)
-    w.add_type(gguf.GGUFType.MMPROJ)
-    meta = gguf.Metadata.load(None, hf_dir, None, total)
-    if meta.name is None:
-        meta.name = hf_dir.name
-    if meta.size_label is None and total > 0:
-        meta.size_label = gguf.size_label(total, 0, 0, 0)
-    meta.set_gguf_meta_model(w)
+    tensors = [(p.name, p.shape, p.qtype, p.load) for p in plan]
+    add_tensor_table(w, hf_dir, tensors, gguf.GGUFType.MMPROJ)
 
     w.add_file_type(ftype)
     w.add_clip_has_audio_encoder(True)
@@ -242,24 +233,4 @@ def convert_audio_mmproj(hf_dir, out_path, outtype: str = "f32", *, progress: bo
         w.add_audio_stack_factor(int(cfg.get("stack_factor", 8)))
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    w.write_header_to_file(path=out_path)
-    w.write_kv_data_to_file()
-    w.write_ti_data_to_file()
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=len(plan), desc=f"mmproj {projector} -> {key}", unit="tensor", leave=False)
-    try:
-        for p in plan:
-            t = p.load()
-            if tuple(t.shape) != p.shape:
-                raise ConvertError(f"{p.name}: planned shape {p.shape}, got {tuple(t.shape)}")
-            w.write_tensor_data(_encode(t, p.qtype))
-            if bar is not None:
-                bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
-        w.close()
-    return out_path
+    return write_planned(w, out_path, tensors, desc=f"mmproj {projector} -> {key}", progress=progress)

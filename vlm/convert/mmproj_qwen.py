@@ -20,16 +20,14 @@ patch embedding F16 in f16 files else F32, 1-D tensors F32.
 """
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 from typing import Callable
 
 import gguf
-import numpy as np
 from gguf import GGMLQuantizationType as GGMLType
 
-from .hf_to_gguf import ConvertError, _encode, _nbytes, _Source
+from .hf_to_gguf import ConvertError, _Source, add_tensor_table, write_planned
 
 PROJECTORS = {"Qwen2VLForConditionalGeneration": "qwen2vl_merger",
               "Qwen2_5_VLForConditionalGeneration": "qwen2.5vl_merger"}
@@ -133,16 +131,7 @@ def convert_qwen_mmproj(hf_dir: Path, out_path: Path, cfg: dict, ftype, mean, st
 
     w = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.MMPROJ])
     typed = [(n, s, _type(n, s, ftype), ld) for n, s, ld in plan]
-    for n, s, qt, _ in typed:
-        w.add_tensor_info(n, s, np.dtype(np.float32), _nbytes(qt, s), raw_dtype=qt)
-    total = sum(math.prod(s) for _, s, _, _ in typed)
-    w.add_type(gguf.GGUFType.MMPROJ)
-    meta = gguf.Metadata.load(None, hf_dir, None, total)
-    if meta.name is None:
-        meta.name = hf_dir.name
-    if meta.size_label is None and total > 0:
-        meta.size_label = gguf.size_label(total, 0, 0, 0)
-    meta.set_gguf_meta_model(w)
+    add_tensor_table(w, hf_dir, typed, gguf.GGUFType.MMPROJ)
     w.add_file_type(ftype)
     w.add_clip_has_vision_encoder(True)
     w.add_vision_projection_dim(n_embd_text)
@@ -164,16 +153,4 @@ def convert_qwen_mmproj(hf_dir: Path, out_path: Path, cfg: dict, ftype, mean, st
     w.add_vision_attention_layernorm_eps(1e-6)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    w.write_header_to_file(path=out_path)
-    w.write_kv_data_to_file()
-    w.write_ti_data_to_file()
-    try:
-        for n, s, qt, ld in typed:
-            t = ld()
-            if tuple(t.shape) != s:
-                raise ConvertError(f"{n}: planned shape {s}, got {tuple(t.shape)}")
-            w.write_tensor_data(_encode(t, qt))
-    finally:
-        w.close()
-    return out_path
+    return write_planned(w, out_path, typed, desc=f"mmproj {projector} -> {out_path.name}", progress=progress)
