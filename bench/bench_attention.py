@@ -23,7 +23,6 @@ import argparse
 import csv
 import datetime
 import os
-import subprocess
 import sys
 import time
 
@@ -40,6 +39,7 @@ import triton  # noqa: E402
 
 from kernels.attention import attention_triton  # noqa: E402
 from kernels.decode_attention import decode_attention_triton  # noqa: E402
+from _common import git_sha  # noqa: E402
 
 # (name substring, HBM bytes/s, dense bf16 FLOP/s); first match wins.
 DEVICES = [("H200", 4.8e12, 989e12), ("H100 NVL", 3.9e12, 835e12), ("H100 PCIe", 2.0e12, 756e12),
@@ -52,18 +52,6 @@ def device_info():
         return "cpu (triton interpreter)", None, None
     name = torch.cuda.get_device_name()
     return next(((name, bw, fl) for key, bw, fl in DEVICES if key in name), (name, None, None))
-
-
-def git_sha() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "kernels/attention.py",
-                                "kernels/decode_attention.py", "bench/bench_attention.py"],
-                               cwd=ROOT, capture_output=True, text=True).stdout
-        return sha + ("+uncommitted" if dirty.strip() else "")
-    except Exception:
-        return "uncommitted"
 
 
 def timeit(fn) -> float:

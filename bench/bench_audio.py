@@ -36,7 +36,6 @@ import argparse
 import csv
 import datetime
 import os
-import subprocess
 import sys
 import time
 
@@ -47,21 +46,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from vlm.preprocess.audio import CHUNK_SAMPLES, SAMPLE_RATE, log_mel_spectrogram  # noqa: E402
+from _common import git_sha  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 N_BUFFERS = 3
 CASES = {"30s": 1, "8x30s": 8, "5s": 5 / 30}          # name -> length in 30 s chunks
-
-
-def git_sha() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "vlm/preprocess", "bench/bench_audio.py"],
-                               cwd=ROOT, capture_output=True, text=True).stdout
-        return sha + ("+uncommitted" if dirty.strip() else "")
-    except Exception:
-        return "uncommitted"
 
 
 def make_clips(case: str, n: int) -> list:

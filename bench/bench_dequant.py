@@ -19,7 +19,6 @@ import csv
 import datetime
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 from gguf import quants as gq  # noqa: E402
 
 from kernels.quant import SUPPORTED_TYPES, GGMLType, block_info, dequantize, row_bytes  # noqa: E402
+from _common import git_sha  # noqa: E402
 
 ROOFLINE_GBPS = {"H100": 3350.0, "H200": 4800.0}  # HBM bandwidth (SXM parts)
 # Byte offsets of the fp16 scale fields inside one block (ggml-common.h), set to sane values below.
@@ -86,18 +86,6 @@ def device_name(device: str) -> str:
     except OSError:
         pass
     return f"{model} ({torch.get_num_threads()} torch threads)"
-
-
-def git_sha() -> str:
-    root = Path(__file__).resolve().parents[1]
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "kernels/quant.py", "bench/bench_dequant.py"],
-                               cwd=root, capture_output=True, text=True).stdout.strip()
-        return "uncommitted" if dirty else sha
-    except (OSError, subprocess.CalledProcessError):
-        return "uncommitted"
 
 
 def main(argv=None) -> None:

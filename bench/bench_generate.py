@@ -26,8 +26,10 @@ import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+from _common import git_sha  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -42,15 +44,6 @@ FIELDS = ["device", "git_sha", "date", "engine", "model", "synthetic", "dtype", 
 
 # --------------------------------------------------------------------------------------------------------------
 # helpers
-def git_sha() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True,
-                               timeout=10).stdout.strip()
-        return (out + ("+dirty" if dirty else "")) if out else "uncommitted"
-    except Exception:
-        return "uncommitted"
 
 
 def device_name(device: str) -> str:
@@ -156,7 +149,9 @@ def resolve_model(arg: str | None, out: Path) -> tuple[Path, bool]:
         return DEFAULT_MODEL, False
     except ImportError:
         pass
-    path = out / "synthetic-gemma3-270m.gguf"
+    # Not in `out`: the results folder travels back from GPU machines and a 500 MB model does not belong there.
+    path = Path(tempfile.gettempdir()) / "vlm-bench" / "synthetic-gemma3-270m.gguf"
+    path.parent.mkdir(parents=True, exist_ok=True)
     if not path.is_file():
         print(f"[bench_generate] real Gemma 3 270M GGUF unavailable: writing a synthetic one to {path}", flush=True)
         write_synthetic_gemma(path)

@@ -16,7 +16,6 @@ import argparse
 import csv
 import datetime as dt
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from vlm.gguf import GGUFFile  # noqa: E402
+from _common import git_sha as _git_sha  # noqa: E402
 
 DEFAULT_MODEL = ROOT / "models" / "gemma-3-270m-q4_k_m.gguf"
 MAX_DEQUANT_ELEMS = 1 << 21      # rows of the largest tensor per type, capped: numpy dequant of 168M weights is slow
@@ -37,17 +37,6 @@ def _device_name() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
     return f"cpu: {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
-
-
-def _git_sha() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True).stdout.strip()
-        return f"{sha}+uncommitted" if dirty else sha
-    except (OSError, subprocess.CalledProcessError):
-        return "uncommitted"
 
 
 def ensure_model(path: Path) -> Path:

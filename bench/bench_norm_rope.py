@@ -19,7 +19,6 @@ import argparse
 import csv
 import datetime
 import os
-import subprocess
 import sys
 import time
 
@@ -36,6 +35,7 @@ import triton  # noqa: E402
 
 from kernels.norm import layer_norm_triton, rms_norm_triton  # noqa: E402
 from kernels.rope import rope_triton  # noqa: E402
+from _common import git_sha  # noqa: E402
 
 DEVICES = [("H200", 4.8e12), ("H100", 3.35e12)]   # HBM bytes/s by device-name substring
 
@@ -45,17 +45,6 @@ def device_bw():
         return "cpu (triton interpreter)", None
     name = torch.cuda.get_device_name()
     return name, next((bw for key, bw in DEVICES if key in name), None)
-
-
-def git_sha() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "kernels/norm.py", "kernels/rope.py",
-                                "bench/bench_norm_rope.py"], cwd=ROOT, capture_output=True, text=True).stdout
-        return sha + ("+uncommitted" if dirty.strip() else "")
-    except Exception:
-        return "uncommitted"
 
 
 def timeit(fn, bufs) -> float:

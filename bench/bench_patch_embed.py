@@ -24,7 +24,6 @@ import argparse
 import csv
 import datetime
 import os
-import subprocess
 import sys
 import time
 
@@ -40,6 +39,7 @@ import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 
 from kernels.patch_embed import patch_embed_triton  # noqa: E402
+from _common import git_sha  # noqa: E402
 
 # (name, peak bf16 dense FLOP/s, HBM bytes/s), matched by substring of the device name
 DEVICES = [("H200", 989e12, 4.8e12), ("H100", 989e12, 3.35e12)]
@@ -54,17 +54,6 @@ def device_peaks():
         if key in name:
             return name, flops, bw
     return name, None, None
-
-
-def git_sha() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "kernels/patch_embed.py",
-                                "bench/bench_patch_embed.py"], cwd=ROOT, capture_output=True, text=True).stdout
-        return sha + ("+uncommitted" if dirty.strip() else "")
-    except Exception:
-        return "uncommitted"
 
 
 def timeit(fn, bufs) -> float:

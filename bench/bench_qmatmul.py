@@ -22,7 +22,6 @@ import math
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -36,6 +35,7 @@ from kernels import qmatmul_configs as qcfg  # noqa: E402
 from kernels._qblocks import GEOMETRY  # noqa: E402
 from kernels.qmatmul import dequant_cache, qmatmul_torch, qmatmul_triton  # noqa: E402
 from kernels.quant import GGMLType, QTensor  # noqa: E402
+from _common import git_sha  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (896, 4864), (640, 2048)]   # (N, K)
 MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096]
@@ -60,15 +60,6 @@ def random_qtensor(tname: str, N: int, K: int, device, seed: int = 0) -> QTensor
         d = (torch.rand(n_blocks, 1, device=device, generator=g) * 0.018 + 0.002).half()
         blocks[:, off:off + 2] = d.view(torch.uint8)
     return QTensor(blocks.reshape(N, -1), qtype, (N, K))
-
-
-def git_sha() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             timeout=10).stdout.strip()
-        return sha or "uncommitted"
-    except Exception:
-        return "uncommitted"
 
 
 def device_peak(name: str, table: dict) -> float | None:

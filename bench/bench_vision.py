@@ -31,7 +31,6 @@ import argparse
 import csv
 import datetime
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -49,6 +48,7 @@ from vlm.encoders import load_mmproj  # noqa: E402
 from vlm.gguf import write_gguf  # noqa: E402
 from vlm.preprocess import image as P  # noqa: E402
 from vlm.preprocess.qwen_image import preprocess_qwen2vl  # noqa: E402
+from _common import git_sha  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 PEAK_BF16_TFLOPS = 989.0
@@ -63,17 +63,6 @@ MODELS = {
     "siglip": dict(d=1152, ffn=4304, n_head=16, n_layer=(27, 1), image=896, patch=14, text=2560, eps=1e-6),
     "qwen25": dict(d=1280, ffn=3420, n_head=16, n_layer=(32, 2), patch=14, text=3584, eps=1e-6, window=112),
 }
-
-
-def git_sha() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "vlm/encoders", "vlm/preprocess", "kernels",
-                                "bench/bench_vision.py"], cwd=ROOT, capture_output=True, text=True).stdout
-        return sha + ("+uncommitted" if dirty.strip() else "")
-    except Exception:
-        return "uncommitted"
 
 
 # ------------------------------------------------------------------------------------ HF models -> GGUF

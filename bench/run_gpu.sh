@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One batched GPU session: GPU-marked tests (bf16, real compiler) + every microbenchmark.
 # Usage on the GPU machine (repo root):  bash bench/run_gpu.sh OUTDIR ["bench names"] [test-seconds]
-# Needs the gguf wheel in .whl/ when the machine lacks the gguf package.
+# Needs the gguf wheel in .whl/ when the machine lacks the gguf package. The machine's copy of the tree has no
+# .git: pass VLM_GIT_SHA=<sha> so the CSV rows say which commit they measured.
 set -uo pipefail
 OUT=${1:-bench/results}; mkdir -p "$OUT/results"
 if ! python3 -c "import gguf" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then

@@ -1,0 +1,23 @@
+"""Shared by the bench scripts (run as `python bench/bench_<op>.py`, so this imports as `_common`)."""
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def git_sha() -> str:
+    """Short HEAD, with "+dirty" when tracked files differ from it. ``VLM_GIT_SHA`` overrides: a GPU machine gets
+    a copy of the working tree without .git, so bench/run_gpu.sh is handed the sha from here."""
+    if os.environ.get("VLM_GIT_SHA"):
+        return os.environ["VLM_GIT_SHA"]
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
