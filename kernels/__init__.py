@@ -1,7 +1,8 @@
 """Triton kernels with plain-torch references. Knows nothing about models or GGUF keys.
 
 Every public op goes through :mod:`kernels._dispatch`: Triton on CUDA (or under ``TRITON_INTERPRET=1`` with
-``VLM_KERNELS=triton``), the torch reference otherwise. ``kernels.explain()`` says which and why.
+``VLM_KERNELS=triton``), otherwise the op's torch path (the fast versions in kernels/cpu_fast.py where one exists;
+each ``*_ref`` stays the spec the tests compare with). ``kernels.explain()`` says which and why.
 """
 from __future__ import annotations
 
