@@ -126,6 +126,18 @@ def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def load_weights(cls, f: GGUFFile, cfg, device, dtype, what: str):
+    """What every encoder's from_gguf shares: device/dtype defaults (fp32 on CPU, bf16 on CUDA), the check that
+    `cls.tensor_names(cfg)`'s required tensors are present, and loading them plus the optional ones present.
+    Returns (weights, device, dtype)."""
+    device = torch.device(device) if device is not None else _default_device()
+    dtype = dtype or (torch.float32 if device.type == "cpu" else torch.bfloat16)
+    required, optional = cls.tensor_names(cfg)
+    check_tensors(f.tensors, required, str(f.path), f"{what} {cfg.projector_type}")
+    names = required + [n for n in optional if n in f.tensors]
+    return {n: load_tensor(f, n, device, dtype) for n in names}, device, dtype
+
+
 class MmprojEncoder:
     """Base class: a vision tower (vlm.encoders.clip) + a projector (the subclass). Subclasses set
     PROJECTOR_TYPE and implement ``tensor_names``, ``n_embd_out``, ``n_tokens_grid`` and ``project``."""
@@ -177,13 +189,8 @@ class MmprojEncoder:
     # ---- loading ------------------------------------------------------------------------------------------
     @classmethod
     def from_gguf(cls, f: GGUFFile, *, device=None, dtype=None) -> "MmprojEncoder":
-        device = torch.device(device) if device is not None else _default_device()
-        dtype = dtype or (torch.float32 if device.type == "cpu" else torch.bfloat16)
         cfg = VisionConfig.from_gguf(f)
-        required, optional = cls.tensor_names(cfg)
-        check_tensors(f.tensors, required, str(f.path), f"mmproj {cfg.projector_type}")
-        names = required + [n for n in optional if n in f.tensors]
-        weights = {n: load_tensor(f, n, device, dtype) for n in names}
+        weights, device, dtype = load_weights(cls, f, cfg, device, dtype, "mmproj")
         return cls(cfg, weights, device=device, dtype=dtype, path=str(f.path))
 
     # ---- queries ------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from vlm.encoders.base import MmprojEncoder, MmprojError, VisionConfig
+from vlm.encoders.base import MmprojEncoder, MmprojError, VisionConfig, load_weights
 from vlm.graph import linear
 from vlm.registry import check_tensors
 
@@ -117,14 +117,8 @@ class Qwen2VLEncoder(MmprojEncoder):
     # ---- loading ------------------------------------------------------------------------------------------
     @classmethod
     def from_gguf(cls, f, *, device=None, dtype=None):
-        from vlm.encoders.base import _default_device, load_tensor
-        device = torch.device(device) if device is not None else _default_device()
-        dtype = dtype or (torch.float32 if device.type == "cpu" else torch.bfloat16)
         cfg = VisionConfig.from_gguf(f)
-        required, optional = cls.tensor_names(cfg)
-        check_tensors(f.tensors, required, str(f.path), f"mmproj {cfg.projector_type}")
-        names = required + [n for n in optional if n in f.tensors]
-        weights = {n: load_tensor(f, n, device, dtype) for n in names}
+        weights, device, dtype = load_weights(cls, f, cfg, device, dtype, "mmproj")
         n_wa = int(f.get(V + "n_wa_pattern", 0) or 0)
         if cls.WINDOWED and n_wa <= 0:
             raise MmprojError(f"{f.path}: {cfg.projector_type} needs {V}n_wa_pattern (full-attention period)")

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 import kernels
 from kernels.quant import QTensor
-from vlm.encoders.base import MmprojError, MmprojMismatchError, _default_device, load_tensor
+from vlm.encoders.base import MmprojError, MmprojMismatchError, _default_device, load_weights
 from vlm.gguf import GGUFFile, GGUFKeyError
 from vlm.graph import linear
 from vlm.registry import check_tensors, encoder_class
@@ -246,13 +246,8 @@ class AudioEncoder:
 
     @classmethod
     def from_gguf(cls, f: GGUFFile, *, device=None, dtype=None) -> "AudioEncoder":
-        device = torch.device(device) if device is not None else _default_device()
-        dtype = dtype or (torch.float32 if device.type == "cpu" else torch.bfloat16)
         cfg = AudioConfig.from_gguf(f)
-        required, optional = cls.tensor_names(cfg)
-        check_tensors(f.tensors, required, str(f.path), f"audio mmproj {cfg.projector_type}")
-        names = required + [n for n in optional if n in f.tensors]
-        weights = {n: load_tensor(f, n, device, dtype) for n in names}
+        weights, device, dtype = load_weights(cls, f, cfg, device, dtype, "audio mmproj")
         return cls(cfg, weights, device=device, dtype=dtype, path=str(f.path))
 
     # ---- encoding -----------------------------------------------------------------------------------------
