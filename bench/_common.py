@@ -21,3 +21,26 @@ def git_sha() -> str:
         return sha + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def timeit(fn, bufs) -> float:
+    """Median ms of fn(buffer), cycling over the input buffers (so L2 does not flatter the result): CUDA events
+    through triton.testing.do_bench on a GPU, the middle of 3 wall-clock runs on the CPU."""
+    import time
+
+    import torch
+    state = {"i": 0}
+
+    def call():
+        state["i"] = (state["i"] + 1) % len(bufs)
+        return fn(bufs[state["i"]])
+    if torch.cuda.is_available():
+        import triton.testing
+        return triton.testing.do_bench(call, warmup=10, rep=40, return_mode="median")
+    call()
+    times = []
+    for _ in range(3):
+        t = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - t) * 1e3)
+    return sorted(times)[1]

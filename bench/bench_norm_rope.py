@@ -31,11 +31,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import torch.nn.functional as F  # noqa: E402
-import triton  # noqa: E402
 
 from kernels.norm import layer_norm_triton, rms_norm_triton  # noqa: E402
 from kernels.rope import rope_triton  # noqa: E402
-from _common import git_sha  # noqa: E402
+from _common import git_sha, timeit  # noqa: E402
 
 DEVICES = [("H200", 4.8e12), ("H100", 3.35e12)]   # HBM bytes/s by device-name substring
 
@@ -45,23 +44,6 @@ def device_bw():
         return "cpu (triton interpreter)", None
     name = torch.cuda.get_device_name()
     return name, next((bw for key, bw in DEVICES if key in name), None)
-
-
-def timeit(fn, bufs) -> float:
-    state = {"i": 0}
-
-    def call():
-        state["i"] = (state["i"] + 1) % len(bufs)
-        return fn(bufs[state["i"]])
-    if HAS_CUDA:
-        return triton.testing.do_bench(call, warmup=10, rep=40, return_mode="median")
-    call()
-    ts = []
-    for _ in range(3):
-        t = time.perf_counter()
-        call()
-        ts.append((time.perf_counter() - t) * 1e3)
-    return sorted(ts)[1]
 
 
 def rotate_half(x):

@@ -36,10 +36,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import torch.nn.functional as F  # noqa: E402
-import triton  # noqa: E402
 
 from kernels.patch_embed import patch_embed_triton  # noqa: E402
-from _common import git_sha  # noqa: E402
+from _common import git_sha, timeit  # noqa: E402
 
 # (name, peak bf16 dense FLOP/s, HBM bytes/s), matched by substring of the device name
 DEVICES = [("H200", 989e12, 4.8e12), ("H100", 989e12, 3.35e12)]
@@ -54,24 +53,6 @@ def device_peaks():
         if key in name:
             return name, flops, bw
     return name, None, None
-
-
-def timeit(fn, bufs) -> float:
-    """Median ms of fn(buffer), cycling over the input buffers."""
-    state = {"i": 0}
-
-    def call():
-        state["i"] = (state["i"] + 1) % len(bufs)
-        return fn(bufs[state["i"]])
-    if HAS_CUDA:
-        return triton.testing.do_bench(call, warmup=10, rep=40, return_mode="median")
-    call()
-    times = []
-    for _ in range(3):
-        t = time.perf_counter()
-        call()
-        times.append((time.perf_counter() - t) * 1e3)
-    return sorted(times)[1]
 
 
 def one_call_s(fn, x) -> float:
