@@ -202,17 +202,22 @@ def _feature_layers(cfg: dict, n_layer: int) -> list[int]:
     return out
 
 
-def convert_mmproj(hf_dir, out_path, outtype: str = "f32", *, progress: bool = False) -> Path:
-    """Write the mmproj GGUF (vision tower + projector) of a Hugging Face VLM checkpoint; returns the path."""
+def open_checkpoint(hf_dir, out_path, outtype: str):
+    """Argument checks every mmproj converter starts with -> (hf_dir, out_path, outtype key, file type, config,
+    first architecture name)."""
     hf_dir, out_path = Path(hf_dir), Path(out_path)
     key = outtype.lower()
     if key not in MMPROJ_OUTTYPES:
         raise ConvertError(f"unknown mmproj outtype {outtype!r}; supported: {', '.join(MMPROJ_OUTTYPES)}")
-    ftype = MMPROJ_OUTTYPES[key]
     if not hf_dir.is_dir() or not (hf_dir / "config.json").is_file():
         raise FileNotFoundError(f"{hf_dir}: not a Hugging Face checkpoint folder (no config.json)")
     cfg = _read_json(hf_dir / "config.json")
-    arch = (cfg.get("architectures") or [None])[0]
+    return hf_dir, out_path, key, MMPROJ_OUTTYPES[key], cfg, (cfg.get("architectures") or [None])[0]
+
+
+def convert_mmproj(hf_dir, out_path, outtype: str = "f32", *, progress: bool = False) -> Path:
+    """Write the mmproj GGUF (vision tower + projector) of a Hugging Face VLM checkpoint; returns the path."""
+    hf_dir, out_path, key, ftype, cfg, arch = open_checkpoint(hf_dir, out_path, outtype)
     from .mmproj_audio import AUDIO_SPECS, convert_audio_mmproj
     if arch in AUDIO_SPECS:     # Qwen2-Audio, Ultravox: Whisper encoder + audio projector (mmproj_audio.py)
         return convert_audio_mmproj(hf_dir, out_path, outtype, progress=progress)

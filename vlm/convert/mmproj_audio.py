@@ -49,7 +49,7 @@ from gguf import MODEL_TENSOR as MT
 from gguf import TENSOR_NAMES
 
 from .hf_to_gguf import ConvertError, _Source, add_tensor_table, write_planned
-from .mmproj import _FTYPE_QTYPE, MMPROJ_OUTTYPES, _Planned, _read_json
+from .mmproj import _FTYPE_QTYPE, _Planned, open_checkpoint
 
 AUDIO_SPECS: dict[str, str] = {
     "Qwen2AudioForConditionalGeneration": "qwen2a",
@@ -152,15 +152,7 @@ def _audio_config(cfg: dict, projector: str, hf_dir: Path) -> dict:
 
 def convert_audio_mmproj(hf_dir, out_path, outtype: str = "f32", *, progress: bool = False) -> Path:
     """Write the audio mmproj GGUF (Whisper encoder + projector) of a Qwen2-Audio or Ultravox checkpoint."""
-    hf_dir, out_path = Path(hf_dir), Path(out_path)
-    key = outtype.lower()
-    if key not in MMPROJ_OUTTYPES:
-        raise ConvertError(f"unknown mmproj outtype {outtype!r}; supported: {', '.join(MMPROJ_OUTTYPES)}")
-    ftype = MMPROJ_OUTTYPES[key]
-    if not hf_dir.is_dir() or not (hf_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{hf_dir}: not a Hugging Face checkpoint folder (no config.json)")
-    cfg = _read_json(hf_dir / "config.json")
-    arch = (cfg.get("architectures") or [None])[0]
+    hf_dir, out_path, key, ftype, cfg, arch = open_checkpoint(hf_dir, out_path, outtype)
     if arch not in AUDIO_SPECS:
         raise ConvertError(f"--mmproj: {arch!r} is not an audio architecture; supported: {', '.join(AUDIO_SPECS)}")
     projector = AUDIO_SPECS[arch]
