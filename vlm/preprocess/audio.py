@@ -166,6 +166,19 @@ def _default_batch_frames(device: torch.device) -> int | None:
     return None if device.type == "cuda" else CPU_BATCH_FRAMES
 
 
+@functools.lru_cache(maxsize=64)
+def _edge_index(n_real: int, seg_len: int, right_reflect: bool, fa: int, fb: int) -> tuple:
+    """(positions int64 [n], zero mask bool [n] or None) of the samples of frames [fa, fb) of one padded segment,
+    relative to the segment start. Cached: every full 30 s chunk asks for the same few hundred positions, and
+    building them costs more than gathering them (measured ~0.2 ms per chunk, 5 % of a 30 s log-mel)."""
+    j = np.abs(np.arange(fa * HOP_LENGTH - PAD, (fb - 1) * HOP_LENGTH + N_FFT - PAD))
+    if right_reflect:
+        j = np.where(j >= seg_len, 2 * (seg_len - 1) - j, j)
+    valid = j < n_real
+    zero = None if valid.all() else torch.from_numpy(~valid)
+    return torch.from_numpy(np.minimum(j, n_real - 1)), zero
+
+
 def _edge_frames(x: torch.Tensor, s0: int, n_real: int, seg_len: int, right_reflect: bool, fa: int,
                  fb: int) -> torch.Tensor:
     """Frames [fa, fb) of one padded segment, built explicitly (the frames that reach into padding).
@@ -173,13 +186,10 @@ def _edge_frames(x: torch.Tensor, s0: int, n_real: int, seg_len: int, right_refl
     The segment is x[s0 : s0 + n_real] zero-padded to seg_len samples; frame f reads segment positions
     [160 f - 200, 160 f + 200). Positions < 0 are reflected (-j); positions >= seg_len are reflected about the
     last sample (2 (seg_len - 1) - j) when right_reflect, else they are zeros (as are positions >= n_real)."""
-    j = np.abs(np.arange(fa * HOP_LENGTH - PAD, (fb - 1) * HOP_LENGTH + N_FFT - PAD))   # index maths in numpy:
-    if right_reflect:                                                                  # a few hundred ints
-        j = np.where(j >= seg_len, 2 * (seg_len - 1) - j, j)
-    valid = j < n_real
-    samples = x[torch.from_numpy(s0 + np.minimum(j, n_real - 1)).to(x.device)]
-    if not valid.all():
-        samples[torch.from_numpy(~valid).to(x.device)] = 0.0
+    pos, zero = _edge_index(n_real, seg_len, right_reflect, fa, fb)
+    samples = x[s0:s0 + n_real][pos.to(x.device)]
+    if zero is not None:
+        samples[zero.to(x.device)] = 0.0
     return samples.unfold(0, N_FFT, HOP_LENGTH)                               # [fb - fa, 400]
 
 
