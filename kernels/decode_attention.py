@@ -41,9 +41,10 @@ MAX_SPLITS = 64
 MIN_SPLIT_TOKENS = 256  # never cut the cache into chunks shorter than this
 
 
-@triton.jit(do_not_specialize=["max_ctx", "n_splits", "window", "group"])
+@triton.jit(do_not_specialize=["max_ctx", "n_splits", "window", "group", "ctx_bucket"])
 def _decode_kernel(Q, K, V, SEQ_LENS, O, PART_O, PART_LSE,
                    max_ctx, n_splits, window, group, qk_scale, softcap_in, softcap_out,
+                   ctx_bucket,  # autotune key only (ctx_bucket(max_ctx)): not used in the body
                    stride_qs, stride_qt, stride_qh, stride_qd,
                    stride_ks, stride_kt, stride_kh, stride_kd,
                    stride_vs, stride_vt, stride_vh, stride_vd,
@@ -157,7 +158,7 @@ def _prune_decode(configs, named_args, **kwargs):
 
 _decode_tuned = triton.autotune(
     configs=[triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s) for bn, w, s in _DECODE_CONFIGS],
-    key=["max_ctx", "n_splits", "group", "N_Q", "BLOCK_R", "HEAD_DIM_P2", "HAS_WINDOW", "SOFTCAP"],
+    key=["ctx_bucket", "n_splits", "group", "N_Q", "BLOCK_R", "HEAD_DIM_P2", "HAS_WINDOW", "SOFTCAP"],
     prune_configs_by={"early_config_prune": _prune_decode},
 )(_decode_kernel)
 
@@ -167,15 +168,23 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def ctx_bucket(max_ctx: int) -> int:
+    """The power of two <= max_ctx (at least MIN_SPLIT_TOKENS): the autotune key and the split count follow it,
+    not max_ctx itself. A one-sequence decode step views the cache rows [lo, end), so max_ctx grows by one per
+    token; keyed on the exact value the autotuner re-benchmarked every configuration at every token."""
+    return max(MIN_SPLIT_TOKENS, 1 << (max(int(max_ctx), 1).bit_length() - 1))
+
+
 def choose_splits(n_seq: int, n_head_kv: int, max_ctx: int, device: torch.device) -> int:
     """KV splits per (sequence, KV head): aim at ~4 programs per SM, chunks of >= MIN_SPLIT_TOKENS of cache.
 
-    Depends on shapes only (deterministic, no sync). Under the interpreter a pretend 4-SM device keeps grids
+    Depends on shapes only (deterministic, no sync) and changes only when max_ctx crosses a power of two (the
+    cap uses the power of two <= max_ctx, so chunks stay >= MIN_SPLIT_TOKENS). Under the interpreter a pretend 4-SM device keeps grids
     small while still exercising the split path."""
     n_sm = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
         if device.type == "cuda" else 4
     want = triton.cdiv(4 * n_sm, max(n_seq * n_head_kv, 1))
-    cap = max(1, max_ctx // MIN_SPLIT_TOKENS)
+    cap = max(1, (1 << (max(int(max_ctx), 1).bit_length() - 1)) // MIN_SPLIT_TOKENS)
     return max(1, min(want, cap, MAX_SPLITS))
 
 
@@ -249,7 +258,7 @@ def decode_attention_triton(q, k_cache, v_cache, seq_lens, *, scale=None, slidin
     else:
         part_o = part_lse = out  # unused
     args = (q4, k_cache, v_cache, seq_lens, out, part_o, part_lse,
-            max_ctx, n_splits, int(sliding_window or 0), group, qk_scale, sc_in, sc_out,
+            max_ctx, n_splits, int(sliding_window or 0), group, qk_scale, sc_in, sc_out, ctx_bucket(max_ctx),
             *q4.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride())
     meta = dict(N_Q=n_q, BLOCK_R=max(16, triton.next_power_of_2(n_q * group)),
                 HEAD_DIM=head_dim, HEAD_DIM_P2=hd_p2, HAS_WINDOW=sliding_window is not None,

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from kernels.attention import attention_triton
-from kernels.decode_attention import choose_splits, decode_attention_ref, decode_attention_triton
+from kernels.decode_attention import (MIN_SPLIT_TOKENS, choose_splits, ctx_bucket, decode_attention_ref,
+                                      decode_attention_triton)
 
 # Max abs error / max |ref| (architecture.md tolerance table).
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
@@ -97,6 +98,21 @@ def test_split_count_is_shape_only():
     assert choose_splits(64, 8, 131072, cpu) == 1  # 512 programs already
     assert choose_splits(1, 1, 131072, cpu) == 16  # 4 pretend SMs x 4 programs each
     assert choose_splits(1, 1, 300, cpu) == 1      # never chunks below MIN_SPLIT_TOKENS
+    for ctx in (256, 257, 511, 512, 1000, 4096, 70000):
+        assert ctx // choose_splits(1, 1, ctx, cpu) >= MIN_SPLIT_TOKENS
+
+
+def test_autotune_key_and_splits_stable_while_decoding():
+    """A one-sequence decode step views cache rows [lo, end): max_ctx grows by one per token. The autotune key
+    and the split count may change only at powers of two, else the autotuner re-benchmarks at every token."""
+    cpu = torch.device("cpu")
+    ctxs = range(1, 20000)
+    keys = {ctx_bucket(c) for c in ctxs}
+    splits = {choose_splits(1, 1, c, cpu) for c in ctxs}
+    assert len(keys) <= 7 and len(splits) <= 7, (sorted(keys), sorted(splits))
+    changes = [c for c in ctxs[1:] if ctx_bucket(c) != ctx_bucket(c - 1)
+               or choose_splits(1, 1, c, cpu) != choose_splits(1, 1, c - 1, cpu)]
+    assert all(c & (c - 1) == 0 for c in changes), changes   # only where c is a power of two
 
 
 def test_splits_are_deterministic(device):
