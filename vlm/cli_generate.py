@@ -3,9 +3,11 @@
     vlm generate -m models/gemma-3-270m-q4_k_m.gguf -p "The capital of France is" -n 48
     vlm generate -m model.gguf --chat -p "Write a haiku about GPUs" --temp 0.7 --seed 1
     vlm generate -m text.gguf --mmproj mmproj.gguf --image a.png --audio b.wav -p "Describe <__media__> ..."
+    vlm generate -m qwen2.5-vl.gguf --mmproj mmproj.gguf --video frames_dir/ --video-fps 2 -p "What happens?" --chat
 
-Media (--image / --audio, repeatable) fill the prompt's `<__media__>` markers in order (images, then audio);
-without markers they go at the start of the prompt (of the user message with --chat).
+Media (--image / --audio / --video, repeatable) fill the prompt's `<__media__>` markers in order (images, then
+audio, then videos); without markers they go at the start of the prompt (of the user message with --chat). A video
+is a directory of frame images or an animated GIF / WebP / PNG (Qwen2-VL / Qwen2.5-VL projectors).
 """
 from __future__ import annotations
 
@@ -20,6 +22,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-p", "--prompt", required=True, help="prompt text (with --chat: the user message)")
     p.add_argument("--image", action="append", default=None, help="image file (repeatable; needs --mmproj)")
     p.add_argument("--audio", action="append", default=None, help="audio file (repeatable; needs --mmproj)")
+    p.add_argument("--video", action="append", default=None,
+                   help="video: a directory of frames or an animated GIF/WebP/PNG (repeatable; needs --mmproj)")
+    p.add_argument("--video-fps", type=float, default=None,
+                   help="frame rate of --video frames (default: the file's timing, else 2)")
+    p.add_argument("--video-sample-fps", type=float, default=None,
+                   help="subsample --video to this many frames per second")
     p.add_argument("-n", "--max-tokens", type=int, default=128, help="tokens to generate (default 128)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--system", default=None, help="system message (with --chat)")
@@ -57,6 +65,14 @@ def run(args: argparse.Namespace) -> int:
         return 1
     t_load = time.perf_counter() - t0
     prompt = args.prompt
+    videos = None
+    if getattr(args, "video", None):
+        from vlm.mtmd import Bitmap
+        try:
+            videos = [Bitmap.from_video(v, fps=args.video_fps, sample_fps=args.video_sample_fps) for v in args.video]
+        except (FileNotFoundError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
     if args.chat:
         prompt = ([{"role": "system", "content": args.system}] if args.system else []) + \
                  [{"role": "user", "content": args.prompt}]
@@ -65,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
                                 top_p=args.top_p, min_p=args.min_p, repeat_penalty=args.repeat_penalty,
                                 repeat_last_n=args.repeat_last_n, seed=args.seed, stop=args.stop,
                                 stream=True, truncate=args.truncate, images=getattr(args, "image", None),
-                                audio=getattr(args, "audio", None))
+                                audio=getattr(args, "audio", None), videos=videos)
         if args.no_stream:
             sys.stdout.write("".join(pieces))
         else:

@@ -179,7 +179,7 @@ class Model:
                  top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0, repeat_last_n: int = 64,
                  seed: int | None = None, stop: str | Sequence[str] | None = None, stream: bool = False,
                  add_special: bool = True, truncate: bool = False, chat_template: str | None = None,
-                 seq_id: int = 0, images=None, audio=None) -> str | Iterator[str]:
+                 seq_id: int = 0, images=None, audio=None, videos=None) -> str | Iterator[str]:
         """Continue `prompt` — a string, a list of token ids, or chat messages (rendered with the chat template).
 
         temperature 0 = greedy. Sampling order and defaults follow llama.cpp (top_k 40, top_p 0.95, min_p 0.05,
@@ -187,9 +187,11 @@ class Model:
         output), `max_tokens`, or a full context. Returns the text, or with stream=True an iterator of text
         pieces (valid UTF-8 each). Details (tokens, timings, finish reason) land in `self.last_result`.
 
-        images / audio: media (paths, bytes, arrays or vlm.mtmd.Bitmap) for the `<__media__>` markers of the prompt
-        (placed at its start when it has none); chat messages may also carry image / audio content parts. Needs
-        an mmproj (load(..., mmproj=...)); see vlm.mtmd_chat.
+        images / audio / videos: media (paths, bytes, arrays or vlm.mtmd.Bitmap; a video is a list of frames, a
+        directory of images, an animated GIF / WebP / PNG or Bitmap.from_video(..., fps=)) for the `<__media__>`
+        markers of the prompt (placed at its start when it has none); chat messages may also carry image / audio /
+        video content parts. Needs an mmproj (load(..., mmproj=...)); video needs Qwen2-VL / 2.5-VL. See
+        vlm.mtmd_chat.
         """
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
             raise ValueError(f"max_tokens must be an int >= 0, got {max_tokens!r}")
@@ -200,10 +202,10 @@ class Model:
             raise ValueError(f"stop must be a non-empty string or a list of them, got {stop!r}")
         self.kv._check_seq(seq_id)
         from vlm import mtmd_chat
-        if images or audio or mtmd_chat.has_media_parts(prompt):
+        if images or audio or videos or mtmd_chat.has_media_parts(prompt):
             return mtmd_chat.generate(self, prompt, images=images or (), audio=audio or (), max_tokens=max_tokens,
                                       params=params, stops=stops, seq_id=seq_id, stream=stream,
-                                      chat_template=chat_template, add_special=add_special)
+                                      chat_template=chat_template, add_special=add_special, videos=videos or ())
         ids = self._fit_context(self._prompt_ids(prompt, add_special=add_special, chat_template=chat_template),
                                 max_tokens, truncate)
         it = self._generate_text(ids, max_tokens, params, stops, seq_id)

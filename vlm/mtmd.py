@@ -2,7 +2,8 @@
 
     from vlm import mtmd
     model = vlm.load("text.gguf", mmproj="mmproj.gguf")
-    bmp = mtmd.Bitmap.from_file("cat.png")                    # or from_bytes / from_array (image or audio)
+    bmp = mtmd.Bitmap.from_file("cat.png")                    # or from_bytes / from_array (image or audio) /
+                                                               # from_video (frames, directory, animated GIF)
     chunks = mtmd.tokenize(model, "USER: <__media__>\\nWhat is this?", [bmp])
     [(c.type, c.n_tokens) for c in chunks]                    # text / image / audio, counted without pixels
     emb = mtmd.encode(model, chunks[1])                        # [n_tokens, n_embd]
@@ -16,7 +17,8 @@ idefics3 rows of ``<fake_token_around_image><row_R_col_C>`` + tile, ``\\n`` afte
 ``\\n<fake_token_around_image><global-img>`` + overview + ``<fake_token_around_image>`` (HF Idefics3Processor); mlp /
 ldp / ldpv2 / ultravox none; qwen2a ``<|audio_bos|>``...``<|audio_eos|>``. Long audio gives one AUDIO chunk per
 window (30 s; shorter when the encoder's position table is shorter). Text pieces are tokenized without BOS;
-``add_special`` prepends BOS to the first chunk as the vocabulary says.
+``add_special`` prepends BOS to the first chunk as the vocabulary says. A video bitmap (Qwen2-VL / 2.5-VL only) is
+one VIDEO chunk between the vision markers, its frame pairs as temporal slots (vlm.mtmd_video).
 
 Encoding goes through the context's :class:`~vlm.mtmd_cache.EmbeddingCache` (key: mmproj identity + media hash +
 preprocessing parameters); uncached images of one call are preprocessed in a thread pool and encoded together.
@@ -60,16 +62,21 @@ class MarkerMismatchError(MediaError):
 # ---------------------------------------------------------------------------------------------------------- bitmaps
 @dataclass(eq=False)
 class Bitmap:
-    """One image or audio clip. `id` = SHA-256 (hex) of the bytes it came from (file bytes, or the raw array).
+    """One image, audio clip or video. `id` = SHA-256 (hex) of the bytes it came from (file bytes, the raw array;
+    for a video its frames' ids, fps and frame policy).
 
     image: `data` holds the encoded file (decoded lazily, at encode time) or `array` an [H, W, 3|4|1] uint8 array.
     audio: `array` holds mono float32 PCM at 16 kHz (decoded and resampled at construction).
+    video: `frames` holds one image Bitmap per frame, `fps` their rate (Bitmap.from_video; vlm.mtmd_video).
     """
-    kind: str                          # "image" | "audio"
+    kind: str                          # "image" | "audio" | "video"
     id: str
     data: bytes | None = None
     array: np.ndarray | None = None
     name: str = ""
+    frames: list | None = None
+    fps: float = 0.0
+    frame_policy: str = "error"
     _sizes: dict = field(default_factory=dict, repr=False)
 
     @staticmethod
@@ -90,7 +97,9 @@ class Bitmap:
         if kind == "audio":
             from vlm.preprocess.audio_decode import load_audio
             return cls("audio", bid, array=load_audio(data), name=name)
-        raise MediaError(f"kind must be 'image' or 'audio', got {kind!r}")
+        if kind == "video":
+            return cls.from_video(data, name=name)
+        raise MediaError(f"kind must be 'image', 'audio' or 'video', got {kind!r}")
 
     @classmethod
     def from_file(cls, path, kind: str | None = None) -> "Bitmap":
@@ -102,10 +111,13 @@ class Bitmap:
 
     @classmethod
     def from_array(cls, arr, kind: str | None = None, *, sample_rate: int = 16_000, name: str = "<array>") -> "Bitmap":
-        """uint8 [H, W] / [H, W, C] -> image; float (or 1-D) PCM -> audio at `sample_rate` (resampled to 16 kHz)."""
+        """uint8 [H, W] / [H, W, C] -> image; uint8 [T, H, W, C] -> video (at 2 fps; from_video sets the rate);
+        float (or 1-D) PCM -> audio at `sample_rate` (resampled to 16 kHz)."""
         if isinstance(arr, torch.Tensor):
             arr = arr.detach().cpu().numpy()
         arr = np.asarray(arr)
+        if kind == "video" or (kind is None and arr.dtype == np.uint8 and arr.ndim == 4):
+            return cls.from_video(arr, name=name)
         kind = kind or ("image" if arr.dtype == np.uint8 and arr.ndim in (2, 3) else "audio")
         raw = np.ascontiguousarray(arr)
         h = hashlib.sha256(f"{kind}:{raw.dtype.str}:{raw.shape}:{sample_rate}:".encode())
@@ -119,12 +131,25 @@ class Bitmap:
         raise MediaError(f"kind must be 'image' or 'audio', got {kind!r}")
 
     @classmethod
+    def from_video(cls, source, *, fps: float | None = None, sample_fps: float | None = None,
+                   max_frames: int | None = None, frame_policy: str = "error", name: str | None = None) -> "Bitmap":
+        """A video: a list of frames (paths, bytes, arrays, PIL images), a [T, H, W, C] uint8 array, a directory of
+        images or an animated GIF / WebP / PNG; see vlm.preprocess.video.load_video for fps / sample_fps."""
+        from vlm.mtmd_video import video_bitmap
+        from vlm.preprocess.video import DEFAULT_MAX_FRAMES
+        return video_bitmap(cls, source, fps=fps, sample_fps=sample_fps, max_frames=max_frames or DEFAULT_MAX_FRAMES,
+                            frame_policy=frame_policy, name=name)
+
+    @classmethod
     def of(cls, source, kind: str | None = None) -> "Bitmap":
-        """A Bitmap from whatever a user passed: a Bitmap, a path, bytes, or an array."""
+        """A Bitmap from whatever a user passed: a Bitmap, a path, bytes, or an array (kind "video": anything
+        from_video takes)."""
         if isinstance(source, Bitmap):
             if kind and source.kind != kind:
                 raise MediaError(f"{source.name}: expected {kind} media, got {source.kind}")
             return source
+        if kind == "video":
+            return cls.from_video(source)
         if isinstance(source, (str, os.PathLike)):
             return cls.from_file(source, kind)
         if isinstance(source, (bytes, bytearray, memoryview)):
@@ -153,8 +178,9 @@ class Bitmap:
 # ---------------------------------------------------------------------------------------------------------- chunks
 @dataclass
 class Chunk:
-    """TEXT (token ids) or one IMAGE / AUDIO piece: a whole image, one tile or overview, or one audio window."""
-    type: str                           # "text" | "image" | "audio"
+    """TEXT (token ids) or one IMAGE / AUDIO / VIDEO piece: a whole image, one tile or overview, one audio window,
+    or a whole video (n_frames temporal slots spaced time_interval positions apart)."""
+    type: str                           # "text" | "image" | "audio" | "video"
     n_tokens: int
     n_pos: int
     tokens: list[int] | None = None
@@ -162,6 +188,8 @@ class Chunk:
     part: int = 0                       # index into the bitmap's list of embeddings
     non_causal: bool = False
     hw: tuple[int, int] | None = None   # preprocessed (height, width) of an M-RoPE image (its position grid)
+    n_frames: int = 1                   # temporal slots of an M-RoPE video
+    time_interval: float = 1.0          # temporal position step between slots (vlm.mtmd_video)
 
     @property
     def id(self) -> str:
@@ -208,9 +236,9 @@ class MtmdContext:
 
     # ---- per-projector facts --------------------------------------------------------------------------------
     def _enc(self, kind: str):
-        enc = self.vision if kind == "image" else self.audio
+        enc = self.audio if kind == "audio" else self.vision
         if enc is None:
-            what = "vision" if kind == "image" else "audio"
+            what = "audio" if kind == "audio" else "vision"
             raise MediaError(f"this model has no {what} encoder: load it with an mmproj that has one "
                              f"(vlm.load(text, mmproj=...)) to use {kind} input")
         return enc
@@ -296,7 +324,11 @@ class MtmdContext:
             if i == len(bitmaps):
                 break
             b = bitmaps[i]
-            layout = self._image_layout(b) if b.kind == "image" else self._audio_layout(b)
+            if b.kind == "video":
+                from vlm.mtmd_video import video_layout
+                layout = video_layout(self, b)
+            else:
+                layout = self._image_layout(b) if b.kind == "image" else self._audio_layout(b)
             for item in layout:
                 if isinstance(item, str):
                     pending += text_ids(item, True)      # begin/end strings: always special
@@ -329,7 +361,7 @@ class MtmdContext:
 
     # ---- encode ----------------------------------------------------------------------------------------------
     def _key(self, bmp: Bitmap) -> tuple:
-        if bmp.kind == "image":
+        if bmp.kind in ("image", "video"):
             return (self._identity(self._enc("image")), bmp.id, self.image_params(), self.max_pixels)
         return (self._identity(self._enc("audio")), bmp.id, ("audio", self.audio_mode, self.audio_window_frames()))
 
@@ -369,7 +401,7 @@ class MtmdContext:
 
     def embed_bitmaps(self, bitmaps: Sequence[Bitmap]) -> dict[str, list[torch.Tensor]]:
         """bitmap id -> its list of embeddings; cache misses of one kind are encoded together in one call."""
-        out, todo = {}, {"image": [], "audio": []}
+        out, todo = {}, {"image": [], "audio": [], "video": []}
         for b in bitmaps:
             if b.id in out or any(b.id == t.id for t in todo[b.kind]):
                 continue
@@ -383,6 +415,10 @@ class MtmdContext:
             flat = [p for ps in pix for p in ps]
             embs = self._enc("image").encode(flat)
             self._store(todo["image"], [len(ps) for ps in pix], embs, out)
+        if todo["video"]:
+            from vlm.mtmd_video import preprocess_video
+            vids = pimg.preprocess_batch(todo["video"], fn=lambda b: preprocess_video(self, b))
+            self._store(todo["video"], [1] * len(vids), self._enc("video").encode(vids), out)
         if todo["audio"]:
             mels = [self._mel_windows(b) for b in todo["audio"]]
             embs = self._enc("audio").encode([m for ms in mels for m in ms])
@@ -400,7 +436,7 @@ class MtmdContext:
     def encode(self, chunk: Chunk) -> torch.Tensor:
         """Embeddings of one media chunk, [n_tokens, n_embd]."""
         if chunk.type == "text":
-            raise MediaError("encode() takes an image or audio chunk, got a text chunk")
+            raise MediaError("encode() takes an image, audio or video chunk, got a text chunk")
         embs = self.embed_bitmaps([chunk.bitmap])[chunk.bitmap.id]
         if chunk.part >= len(embs):
             raise MediaError(f"{chunk.bitmap.name}: chunk part {chunk.part} but the media gave {len(embs)} piece(s)")
@@ -439,8 +475,8 @@ class MtmdContext:
                 else:
                     e = embs[c.bitmap.id][c.part]
                     pos = n_past
-                    if c.hw is not None:                 # M-RoPE image: [4, n] (t, y, x, z) planes
-                        pos = self._enc("image").decoder_positions(*c.hw, n_past)
+                    if c.hw is not None:                 # M-RoPE image / video: [4, n] (t, y, x, z) planes
+                        pos = self._enc("image").decoder_positions(*c.hw, n_past, c.n_frames, c.time_interval)
                     b = Batch(causal=not c.non_causal).add_embd(e, pos=pos, seq_id=seq_id, logits=want)
                 out = model.text.forward(b, kv, n_batch)
                 if want:

@@ -1,13 +1,16 @@
-"""`Model.generate(prompt, images=[...], audio=[...])` and chat messages with image / audio parts.
+"""`Model.generate(prompt, images=[...], audio=[...], videos=[...])` and chat messages with image / audio / video
+parts.
 
     model.generate("<__media__>\\nDescribe the picture.", images=["cat.png"], temperature=0)
     model.generate([{"role": "user", "content": [{"type": "image", "image": "cat.png"},
                                                  {"type": "text", "text": "Describe it."}]}])
 
-Prompt text: each media marker (default ``<__media__>``) takes the next bitmap of images + audio (in that order); a
+Prompt text: each media marker (default ``<__media__>``) takes the next bitmap of images + audio + videos (in that
+order); a
 prompt without markers gets one marker per bitmap at its start (llama.cpp's mtmd-cli does the same). Chat
 messages: a content part ``{"type": "image", "image": path | bytes | array | Bitmap}`` (``"path"``/``"url"`` for
-local paths are accepted too) or ``{"type": "audio", "audio": ...}`` becomes the marker in the rendered template,
+local paths are accepted too), ``{"type": "audio", "audio": ...}`` or ``{"type": "video", "video": frames | directory |
+animated GIF, "fps": 2}`` (Qwen2-VL / 2.5-VL; vlm.mtmd_video) becomes the marker in the rendered template,
 and the parts of a message are joined into one string, so templates written for string content render them;
 images / audio given as arguments follow the media of the messages.
 
@@ -26,7 +29,7 @@ from vlm.kv_cache import ContextFullError
 from vlm.mtmd import Bitmap, Checkpoint, Chunk, MediaError, context
 
 _MEDIA_TYPES = {"image": "image", "image_url": "image", "input_image": "image", "audio": "audio",
-                "input_audio": "audio"}
+                "input_audio": "audio", "video": "video", "input_video": "video"}
 
 
 def has_media_parts(prompt) -> bool:
@@ -62,23 +65,27 @@ def messages_with_markers(messages, marker: str) -> tuple[list[dict], list[Bitma
                     texts.append(p)
                 elif isinstance(p, dict) and p.get("type") in _MEDIA_TYPES:
                     kind, src = _part_source(p)
-                    bitmaps.append(Bitmap.of(src, kind))
+                    if kind == "video" and not isinstance(src, Bitmap):
+                        bitmaps.append(Bitmap.from_video(src, fps=p.get("fps"), sample_fps=p.get("sample_fps")))
+                    else:
+                        bitmaps.append(Bitmap.of(src, kind))
                     texts.append(marker)
                 elif isinstance(p, dict) and p.get("type") == "text":
                     texts.append(str(p.get("text", "")))
                 else:
-                    raise MediaError(f"unsupported content part {p!r:.80}: use text, image or audio parts")
+                    raise MediaError(f"unsupported content part {p!r:.80}: use text, image, audio or video parts")
             m = {**m, "content": "".join(texts)}
         out.append(m)
     return out, bitmaps
 
 
 def build_chunks(model, prompt, images: Sequence = (), audio: Sequence = (), *, chat_template: str | None = None,
-                 add_special: bool = True) -> list[Chunk]:
+                 add_special: bool = True, videos: Sequence = ()) -> list[Chunk]:
     """Prompt (text or chat messages) + media -> chunks (counted; nothing decoded or encoded yet)."""
     ctx = context(model)
     marker = ctx.media_marker
-    extra = [Bitmap.of(x, "image") for x in (images or ())] + [Bitmap.of(x, "audio") for x in (audio or ())]
+    extra = [Bitmap.of(x, "image") for x in (images or ())] + [Bitmap.of(x, "audio") for x in (audio or ())] + \
+        [Bitmap.of(x, "video") for x in (videos or ())]
     if isinstance(prompt, str):
         if not prompt and not extra:
             raise ValueError("empty prompt: give some text (or token ids)")
@@ -99,7 +106,7 @@ def build_chunks(model, prompt, images: Sequence = (), audio: Sequence = (), *, 
                                                            and chunks[0].tokens[0] == tok.bos_id):
             ctx._add_special(chunks)             # BOS only when the template did not write it (as encode_chat)
         return chunks
-    raise TypeError("with images / audio, prompt must be a string or a list of chat messages, got "
+    raise TypeError("with images / audio / videos, prompt must be a string or a list of chat messages, got "
                     f"{type(prompt).__name__}")
 
 
@@ -135,11 +142,13 @@ def _reusable(model, ctx, seq: int, chunks: list[Chunk]) -> tuple[int, int]:
 
 
 def generate(model, prompt, *, images: Sequence = (), audio: Sequence = (), max_tokens: int, params, stops,
-             seq_id: int = 0, stream: bool = False, chat_template: str | None = None, add_special: bool = True):
+             seq_id: int = 0, stream: bool = False, chat_template: str | None = None, add_special: bool = True,
+             videos: Sequence = ()):
     """The multimodal branch of Model.generate (sampling parameters already validated there)."""
     ctx = context(model)
     kv = model.kv
-    chunks = build_chunks(model, prompt, images, audio, chat_template=chat_template, add_special=add_special)
+    chunks = build_chunks(model, prompt, images, audio, chat_template=chat_template, add_special=add_special,
+                          videos=videos)
     need = sum(c.n_tokens for c in chunks)
     if need > kv.n_ctx:
         raise ContextFullError(f"the prompt needs {need} positions (text + media) but the context holds "

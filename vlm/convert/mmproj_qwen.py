@@ -148,6 +148,8 @@ def convert_qwen_mmproj(hf_dir: Path, out_path: Path, cfg: dict, ftype, mean, st
         w.add_vision_use_silu(True)
         w.add_vision_n_wa_pattern(n_wa_pattern(list(vis.get("fullatt_block_indexes") or [])))
         w.add_vision_window_size(int(vis.get("window_size", 112)))
+        if vis.get("tokens_per_second") is not None:      # video time scale of the M-RoPE (not in llama.cpp's files)
+            w.add_uint32("clip.vision.tokens_per_second", int(vis["tokens_per_second"]))
     elif str(vis.get("hidden_act", "quick_gelu")) != "quick_gelu":
         raise ConvertError(f"Qwen2-VL vision hidden_act {vis.get('hidden_act')!r} is not supported (quick_gelu)")
     w.add_vision_attention_layernorm_eps(1e-6)

@@ -35,6 +35,11 @@ V = "clip.vision."
 DEFAULT_WINDOW = 112        # llama.cpp hard-codes 112 px for Qwen2.5-VL; HF window_size
 VISION_THETA = 10000.0      # HF VisionRotaryEmbedding theta; llama.cpp likewise
 MERGE = 2                   # spatial merge (HF spatial_merge_size; llama.cpp n_merge for Qwen)
+TEMPORAL_PATCH = 2          # frames per temporal patch (HF temporal_patch_size)
+# Qwen2.5-VL video: M-RoPE temporal positions advance by tokens_per_second per second of video. 2 in every
+# released Qwen2.5-VL (vision_config.tokens_per_second); our converter stores the checkpoint's value as
+# clip.vision.tokens_per_second, llama.cpp's files do not carry it.
+DEFAULT_TOKENS_PER_SECOND = 2
 NORM_EPS_HF = 1e-6
 
 
@@ -84,7 +89,8 @@ class Qwen2VLEncoder(MmprojEncoder):
     WINDOWED = False
 
     def __init__(self, config: VisionConfig, weights: dict, *, device=None, dtype=None, path: str = "<weights>",
-                 n_wa_pattern: int = 0, window_px: int = DEFAULT_WINDOW):
+                 n_wa_pattern: int = 0, window_px: int = DEFAULT_WINDOW,
+                 tokens_per_second: float = DEFAULT_TOKENS_PER_SECOND):
         # The CLIP tower of the base class does not apply: set up directly.
         self.config = config
         self.device = torch.device(device) if device is not None else torch.device(
@@ -98,6 +104,7 @@ class Qwen2VLEncoder(MmprojEncoder):
                        for il in range(config.n_layer)]
         self.n_wa_pattern = int(n_wa_pattern)
         self.window_px = int(window_px)
+        self.tokens_per_second = tokens_per_second
         p = config.patch_size
         w0, w1 = weights["v.patch_embd.weight"], weights["v.patch_embd.weight.1"]
         D = config.n_embd
@@ -123,7 +130,11 @@ class Qwen2VLEncoder(MmprojEncoder):
         if cls.WINDOWED and n_wa <= 0:
             raise MmprojError(f"{f.path}: {cfg.projector_type} needs {V}n_wa_pattern (full-attention period)")
         win = int(f.get(V + "window_size", DEFAULT_WINDOW) or DEFAULT_WINDOW)
-        return cls(cfg, weights, device=device, dtype=dtype, path=str(f.path), n_wa_pattern=n_wa, window_px=win)
+        tps = f.get(V + "tokens_per_second", DEFAULT_TOKENS_PER_SECOND)
+        if isinstance(tps, bool) or not isinstance(tps, (int, float)) or not tps > 0:
+            raise MmprojError(f"{f.path}: {V}tokens_per_second must be a positive number, got {tps!r}")
+        return cls(cfg, weights, device=device, dtype=dtype, path=str(f.path), n_wa_pattern=n_wa, window_px=win,
+                   tokens_per_second=tps)
 
     @classmethod
     def tensor_names(cls, cfg: VisionConfig) -> tuple[list[str], list[str]]:
@@ -170,10 +181,22 @@ class Qwen2VLEncoder(MmprojEncoder):
         """Positions the image advances n_past by: max(rows, cols) (llama.cpp mtmd_input_chunk_get_n_pos)."""
         return max(self.token_grid(height, width))
 
-    def decoder_positions(self, height: int, width: int, pos0: int) -> torch.Tensor:
-        """[4, n_tokens] M-RoPE planes of the image's tokens when it starts at position pos0."""
+    def decoder_positions(self, height: int, width: int, pos0: int, n_frames: int = 1,
+                          time_interval: float = 1.0) -> torch.Tensor:
+        """[4, n_tokens] M-RoPE planes of the image's (or video's: n_frames temporal slots) tokens from pos0."""
         from vlm.mrope import image_positions
-        return image_positions(pos0, *self.token_grid(height, width))
+        return image_positions(pos0, *self.token_grid(height, width), n_frames, time_interval)
+
+    def video_time_interval(self, fps: float) -> float:
+        """Temporal position step between two slots (frame pairs) of a video at `fps` frames per second.
+
+        Qwen2-VL: 1. Qwen2.5-VL: tokens_per_second · temporal_patch_size / fps, rounded as HF computes it (the
+        processor's second_per_grid_ts is a float32 tensor, so the product and the later slot · step are float32,
+        then floored by .long()): the value returned is exactly that float32 step."""
+        if not self.WINDOWED:
+            return 1.0
+        step = self.tokens_per_second * torch.tensor(TEMPORAL_PATCH / float(fps), dtype=torch.float32)
+        return float(step)
 
     def is_full_attn(self, il: int) -> bool:
         return not self.WINDOWED or (il + 1) % self.n_wa_pattern == 0
