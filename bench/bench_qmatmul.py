@@ -1,7 +1,7 @@
 """Microbenchmark of kernels.qmatmul: fused GGUF dequant matmul vs bf16 torch.matmul on LLM layer shapes.
 
     python bench/bench_qmatmul.py [--out DIR] [--quick] [--budget-s S]       # GPU sweep (or CPU sweep)
-    python bench/bench_qmatmul.py --tune [--types Q4_0,Q4_K] [--tune-ms 1,16,256]  # write tuned winners JSON
+    python bench/bench_qmatmul.py --tune [--types Q4_0,Q4_K] [--tune-ms 1,4,16,256]  # write tuned winners JSON
     pytest bench/bench_qmatmul.py --benchmark-only                           # CPU timings, pytest-benchmark
 
 GPU: `triton.testing.do_bench` (median; it flushes L2 before every run, so layers smaller than L2 are not
@@ -346,7 +346,7 @@ def main(argv=None) -> int:
     ap.add_argument("--types", default="", help="comma-separated GGML types (default: see MAIN/OTHER_TYPES)")
     ap.add_argument("--threads", type=int, default=0, help="CPU: torch intra-op threads (default: torch's)")
     ap.add_argument("--tune", action="store_true", help="sweep the config lists and write the winners JSON")
-    ap.add_argument("--tune-ms", default="1,16,64,256,1024")
+    ap.add_argument("--tune-ms", default="1,4,16,64,256,1024")
     ap.add_argument("--tune-out", default="", help="JSON path (default kernels/configs/qmatmul_<gpu>.json)")
     args = ap.parse_args(argv)
     out = Path(args.out)

@@ -185,8 +185,8 @@ def qmatmul_triton(x: torch.Tensor, w: QTensor, bias: torch.Tensor | None = None
                   HAS_BIAS=has_bias and split == 1, num_warps=cfg.get("num_warps", 4),
                   num_stages=cfg.get("num_stages", 2))
     if cfg["regime"] == "gemv":
-        if M > qcfg.GEMV_MAX_M:
-            raise ValueError(f"qmatmul_triton: the GEMV regime takes M <= {qcfg.GEMV_MAX_M}, got M={M}")
+        if M > qcfg.GEMV_FORCE_MAX_M:
+            raise ValueError(f"qmatmul_triton: the GEMV regime takes M <= {qcfg.GEMV_FORCE_MAX_M}, got M={M}")
         m_pad = 1 if M == 1 else 2 if M == 2 else qcfg.GEMV_M_CHUNK    # activation rows per program
         n_mchunks = _cdiv(M, m_pad)
         grid = (n_mchunks * _cdiv(N, cfg["BLOCK_N"]), split)

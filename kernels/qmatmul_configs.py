@@ -14,7 +14,7 @@ Tuned winners live in kernels/configs/qmatmul_<gpu>.json (written by `bench/benc
 A cfg holds BLOCK_N, BLOCK_K (weights per K step, a power of two >= 32), num_warps, num_stages, SPLIT_K (an int
 or "auto"), for "gemv" optionally UNROLL (a K step is UNROLL sub-steps of BLOCK_K) and for "gemm" BLOCK_M.
 Lookup: exact "NxK", then "*", then the built-in heuristic below.
-The M bucket (next power of two, 32 … 4096) keys the GEMM configs; all M <= GEMV_MAX_M share one GEMV config,
+The M bucket (next power of two, 8 … 4096) keys the GEMM configs; all M <= GEMV_MAX_M share one GEMV config,
 so rows of y are bitwise independent of M inside the GEMV regime and inside one GEMM bucket (the K-reduction
 order is fixed by the config). Under the interpreter there is exactly one config per regime.
 """
@@ -28,7 +28,12 @@ from pathlib import Path
 
 from kernels.quant import GGMLType
 
-GEMV_MAX_M = 16
+# GEMV for M <= 4, the tensor-core GEMM from M = 5. Measured on an H100 (run 3, bench/results/qmatmul.csv, the
+# GEMV then covered M <= 16): the GEMV's time grows ~linearly past M = 2 (14336x4096 Q4_0: 31.5 us at M=1,
+# 66 at M=4, 116 at M=8, 216 at M=16) while the split-K GEMM with 16-row tiles costs the same for any M <= 16
+# (4096x14336 Q4_0 / Q4_K at M=16: 61-64 us); they cross at M ~ 4.
+GEMV_MAX_M = 4
+GEMV_FORCE_MAX_M = 16  # a GEMV config passed explicitly (tests, tuning) may take up to this many rows
 GEMV_M_CHUNK = 4       # activation rows per GEMV program (M_PAD of _qgemv_kernel)
 CONFIG_DIR = Path(__file__).parent / "configs"
 # Fused GEMM is used below this M and dequantize + torch.matmul from it on, unless a tuned JSON says otherwise
@@ -151,7 +156,9 @@ def heuristic(M: int, N: int, K: int, qk: int, n_sm: int) -> dict:
         return dict(DEFAULT_GEMV[qk])
     if M >= DEFAULT_DEQUANT_MIN_M:
         return dict(regime="dequant")
-    if M <= 32:
+    if M <= 16:
+        bm, bn, w = 16, 64, 4
+    elif M <= 32:
         bm, bn, w = 32, 64, 4
     elif M <= 64:
         bm, bn, w = 64, 64, 4

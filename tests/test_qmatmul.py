@@ -149,13 +149,17 @@ def test_dequant_regime(qtype, dtype, device):
 
 @pytest.mark.parametrize("qtype", [GGMLType.Q4_0, GGMLType.Q4_K], ids=lambda t: t.name)
 def test_batch_invariance(qtype, device):
-    """Row i of y does not depend on M (bitwise) within a regime's config: all M <= GEMV_MAX_M (GEMV; M = 5
-    and 16 span several M chunks) and, for the GEMM, every M of one bucket (the interpreter has a single GEMM
-    config, so there any M)."""
+    """Row i of y does not depend on M (bitwise) within a regime's config: all M <= GEMV_MAX_M (GEMV; the same
+    config forced at M = 5 and 16 spans several M chunks) and, for the GEMM, every M of one bucket (the
+    interpreter has a single GEMM config, so there any M)."""
     K = 512
     w = make_qtensor(qtype, 21, K, seed=5, device=device)
     x = torch.randn(129, K, device=device)
-    gemv = [qmatmul_triton(x[:m], w) for m in (1, 2, 3, 4, 5, qcfg.GEMV_MAX_M)]
+    gemv = [qmatmul_triton(x[:m], w) for m in range(1, qcfg.GEMV_MAX_M + 1)]
+    assert gemv[0].shape[0] == 1 and qcfg.GEMV_MAX_M == 4
+    forced = {k: v for k, v in qcfg.choose(1, 21, K, qtype, GEOMETRY[qtype].qk, interpret=True).items()
+              if k not in ("NB", "iters")}
+    gemv += [qmatmul_triton(x[:m], w, config=forced) for m in (5, qcfg.GEMV_FORCE_MAX_M)]
     for y in gemv[1:]:
         assert torch.equal(y[:1], gemv[0])
     assert torch.equal(gemv[-1][:5], gemv[-2])      # rows 1..4 too, across the chunk boundary
@@ -303,9 +307,13 @@ def test_bad_config(device):
 # configs: buckets, tuned-table lookup, split heuristic, shipped JSON files are legal
 
 def test_m_buckets():
-    assert qcfg.GEMV_MAX_M == 16
+    assert qcfg.GEMV_MAX_M == 4
     assert [qcfg.m_bucket(m) for m in (1, 4, 5, 8, 9, 16, 17, 33, 129, 4096, 100000)] == \
-        ["gemv"] * 6 + ["m32", "m64", "m256", "m4096", "m4096"]
+        ["gemv"] * 2 + ["m8"] * 2 + ["m16"] * 2 + ["m32", "m64", "m256", "m4096", "m4096"]
+    # M 5..16 take the tensor-core GEMM with 16-row tiles (the heuristic, without a tuned table)
+    for m in (5, 16):
+        c = qcfg.heuristic(m, 4096, 4096, 32, 132)
+        assert (c["regime"], c["BLOCK_M"]) == ("gemm", 16)
 
 
 def test_tuned_table_lookup(tmp_path, monkeypatch):

@@ -23,12 +23,12 @@ def _x(M, K, dtype, seed=0):
 
 @pytest.mark.parametrize("qtype", SUPPORTED, ids=lambda t: t.name)
 def test_every_type_bf16(qtype):
-    """Whatever the table / heuristic picks for decode (M=1, 3, 16: GEMV, M chunks of 4) and a small batch
-    (M=20: GEMM), bias on."""
+    """Whatever the table / heuristic picks for decode (M=1, 3: GEMV; M=4: one M chunk of 4) and small batches
+    (M=16: the 16-row tensor-core GEMM, M=20: GEMM), bias on."""
     N, K = 1001, 4096
     w = make_qtensor(qtype, N, K, seed=1, device=DEV)
     bias = torch.randn(N, device=DEV).bfloat16()
-    for M in (1, 3, 16, 20):
+    for M in (1, 3, 4, 16, 20):
         x = _x(M, K, torch.bfloat16, seed=M)
         assert_close(qmatmul_triton(x, w), qmatmul_ref(x, w), torch.bfloat16, f"{qtype.name} M={M}")
         assert_close(qmatmul_triton(x, w, bias), qmatmul_ref(x, w, bias), torch.bfloat16, f"{qtype.name} bias")
@@ -97,7 +97,12 @@ def test_batch_invariance_gpu(qtype):
     N, K = 777, 2048
     w = make_qtensor(qtype, N, K, seed=6, device=DEV)
     x = _x(32, K, torch.bfloat16)
-    gemv = [qmatmul_triton(x[:m], w) for m in (1, 2, 3, 4, 5, 16)]
+    gemv = [qmatmul_triton(x[:m], w) for m in range(1, qcfg.GEMV_MAX_M + 1)]
+    forced = {k: v for k, v in qcfg.choose(1, N, K, qtype, GEOMETRY[qtype].qk, interpret=False,
+                                           device_name=torch.cuda.get_device_name(),
+                                           n_sm=torch.cuda.get_device_properties(0).multi_processor_count).items()
+              if k not in ("NB", "iters")}
+    gemv += [qmatmul_triton(x[:m], w, config=forced) for m in (5, 16)]     # the GEMV config past GEMV_MAX_M
     for y in gemv[1:]:
         assert torch.equal(y[:1], gemv[0])
     assert torch.equal(gemv[-1][:5], gemv[-2])
