@@ -4,8 +4,13 @@
 
 Prints per compile: registers and spill bytes (ptxas -v from Triton's bundled CUDA tools), shared memory, and
 the number of `ttg.convert_layout` ops inside the K loop (each a shared-memory round trip + barrier), plus the
-global load widths and int->float conversions in the PTX. Exit status 1 if any compile fails, spills, or has a
-layout conversion in the loop. Uses the installed Triton (run it with the GPU machine's version to match).
+global load widths and int->float conversions in the PTX, and the K loop's SASS (nvdisasm of the cubin):
+instructions per weight per thread (`sass/w`) and its most frequent opcodes. At M=1 the GEMV issues one warp
+instruction per clock per SM sub-partition, so sass/w bounds its speed: an H100 SXM (132 SMs, ~1.75 GHz,
+128 thread-instructions per clock per SM) streams at most ~29.6 / (sass/w) T weights/s, e.g. Q4_0 (0.5625
+bytes/weight) at 8.4 instr/weight reaches at most ~2.0 TB/s (59 % of HBM) before any latency effect. Exit status
+1 if any compile fails, spills, or has a layout conversion in the loop. Uses the installed Triton (run it with
+the GPU machine's version to match).
 """
 from __future__ import annotations
 
@@ -33,6 +38,8 @@ from kernels.quant import GGMLType  # noqa: E402
 TARGET = GPUTarget("cuda", 90, 32)
 _BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 PTXAS = [_BIN / "ptxas", _BIN / "ptxas-blackwell"]     # newer Triton emits PTX only the second one reads
+NVDISASM = _BIN / "nvdisasm"
+_SASS_INSTR = re.compile(r"^\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)")
 
 
 def compile_gemv(qtype: GGMLType, cfg: dict, m_pad: int, xdt: str):
@@ -50,7 +57,26 @@ def compile_gemv(qtype: GGMLType, cfg: dict, m_pad: int, xdt: str):
     return triton.compile(ASTSource(fn, sig, cx, attrs), target=TARGET, options=opts.__dict__)
 
 
-def facts(k) -> dict:
+def sass_loop(cubin: bytes) -> list[str] | None:
+    """Opcodes of the longest loop in the cubin's SASS (the K loop: its body ends with a backward branch to the
+    loop's label). None when nvdisasm is not available."""
+    if not NVDISASM.is_file():
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+    text = subprocess.run([str(NVDISASM), "-c", f.name], capture_output=True, text=True).stdout.splitlines()
+    os.unlink(f.name)
+    labels = {m.group(1): i for i, line in enumerate(text) if (m := re.match(r"\s*(\.L_x_\d+):", line))}
+    best: list[str] = []
+    for i, line in enumerate(text):
+        m = re.search(r"\bBRA\b.*?(\.L_x_\d+)", line)
+        if m and labels.get(m.group(1), i) < i:
+            body = [mm.group(1) for x in text[labels[m.group(1)]:i + 1] if (mm := _SASS_INSTR.match(x))]
+            best = max(best, body, key=len)
+    return best
+
+
+def facts(k, weights_per_thread: float) -> dict:
     ptx, ttgir = k.asm["ptx"], k.asm["ttgir"]
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(ptx)
@@ -64,7 +90,11 @@ def facts(k) -> dict:
     os.unlink(f.name)
     lo = ttgir.index("scf.for")
     loop = ttgir[lo:ttgir.index("scf.yield", lo)]
-    return dict(regs=int(re.findall(r"Used (\d+) registers", txt)[0]),
+    loop = sass_loop(k.asm["cubin"])
+    ops = collections.Counter(op.split(".")[0] for op in loop or [])
+    return dict(sass_w=len(loop) / weights_per_thread if loop else float("nan"),
+                top=" ".join(f"{o}:{n}" for o, n in ops.most_common(6)),
+                regs=int(re.findall(r"Used (\d+) registers", txt)[0]),
                 spill=int(re.findall(r"(\d+) bytes spill stores", txt)[0]),
                 smem=k.metadata.shared, cvt_in_loop=loop.count("ttg.convert_layout"),
                 i2f=len(re.findall(r"cvt\.rn\.f32\.[su](?:8|16|32)", ptx)),
@@ -85,15 +115,18 @@ def main() -> int:
             for m_pad in (int(m) for m in args.mpad.split(",")):
                 tag = (f"{tname:<7}BN={cfg['BLOCK_N']:<2} BK={cfg['BLOCK_K']:<5} U={cfg.get('UNROLL', 1)} "
                        f"w={cfg['num_warps']} M_PAD={m_pad}")
+                # weights one thread handles per K-loop iteration: BLOCK_N rows x BLOCK_K x UNROLL over the warps
+                wpt = cfg["BLOCK_N"] * cfg["BLOCK_K"] * cfg.get("UNROLL", 1) / (32 * cfg["num_warps"])
                 try:
-                    f = facts(compile_gemv(qtype, cfg, m_pad, args.xdtype))
+                    f = facts(compile_gemv(qtype, cfg, m_pad, args.xdtype), wpt)
                 except Exception as e:      # report and go on: the summary counts it
                     print(f"{tag}  FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
                     bad += 1
                     continue
                 bad += bool(f["spill"] or f["cvt_in_loop"])
                 print(f"{tag}  regs={f['regs']:<3} spill={f['spill']:<4} smem={f['smem']:<5} "
-                      f"cvt_in_loop={f['cvt_in_loop']} i2f={f['i2f']} {f['loads']}", flush=True)
+                      f"cvt_in_loop={f['cvt_in_loop']} i2f={f['i2f']} sass/w={f['sass_w']:.2f} ({f['top']}) "
+                      f"{f['loads']}", flush=True)
     print("ALL OK" if not bad else f"{bad} compile(s) failed, spilled or convert in the loop")
     return 1 if bad else 0
 

@@ -9,7 +9,7 @@ Shared conventions
           (split s starts at block s * iters * NB); see `_block_tile` for the tile edges.
     Per step and per group g (see kernels/_qblocks.py) the weights come as an fp32 [BLOCK_N, NB, R, S] tile
     whose element (n, b, r, j) multiplies x[:, (blk0 + b) * QK + group_offset(g) + r * RSTRIDE + j].
-Regimes: `_qgemv_kernel` (M <= 16, CUDA-core FMAs + tl.sum), `_qgemm_kernel` (tensor cores, computes the
+Regimes: `_qgemv_kernel` (M <= 4 by default, up to 16 forced; CUDA-core FMAs + tl.sum), `_qgemm_kernel` (tensor cores, computes the
 transposed tile acc[BLOCK_N, BLOCK_M] = W_tile @ x_tile^T so the weight rows fill the MMA's M side even when
 M is 16), `_dequant_kernel` (GGUF -> dense, for the dequantize + torch.matmul regime and for tests).
 """
