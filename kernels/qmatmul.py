@@ -5,7 +5,7 @@
 
 Three implementations with the same signature `(x, w, bias=None)`:
     qmatmul_triton  fused Triton kernels (kernels/qmatmul_kernels.py), regime chosen by M
-                    (kernels/qmatmul_configs.py): GEMV for M <= 16, tensor-core split-K GEMM, and
+                    (kernels/qmatmul_configs.py): GEMV for M <= 4, tensor-core split-K GEMM, and
                     dequantize-to-x.dtype + torch.matmul where the tuned table says it is faster.
     qmatmul_torch   the path used when Triton is not chosen (CPU inference): dequantized weights cached per
                     QTensor within a memory budget (env VLM_QMATMUL_CACHE_MB), else dequantized in row chunks.
