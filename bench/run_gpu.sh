@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One batched GPU session: GPU-marked tests (bf16, real compiler) + every microbenchmark.
-# Usage on the GPU machine (repo root):  bash bench/run_gpu.sh OUTDIR ["bench names"] [test-seconds]
+# Usage on the GPU machine (repo root):  bash bench/run_gpu.sh OUTDIR ["bench names"] [test-seconds per test step]
 # Needs the gguf wheel in .whl/ when the machine lacks the gguf package. The machine's copy of the tree has no
 # .git: pass VLM_GIT_SHA=<sha> so the CSV rows say which commit they measured.
 set -uo pipefail
@@ -18,13 +18,19 @@ run() { local name=$1 lim=$2; shift 2; echo "=== $name (limit ${lim}s)"; s=$(dat
         echo "=== $name rc=$rc $(( $(date +%s) - s ))s"; tail -n 25 "$OUT/results/$name.log"; }
 BENCHES=${2:-qmatmul attention patch_embed norm_rope dequant audio}
 TEST_S=${3:-240}
-[ "$TEST_S" -gt 0 ] && run gpu_tests "$TEST_S" python3 -m pytest -q -m gpu tests -p no:cacheprovider -rfE --continue-on-collection-errors
+# qmatmul's GPU tests first and on their own limit (each compile costs 1-2 s; they once ran out of time last),
+# then every other GPU-marked test
+if [ "$TEST_S" -gt 0 ]; then
+  run gpu_tests_qmatmul "$TEST_S" python3 -m pytest -q -m gpu tests/test_qmatmul_gpu.py -p no:cacheprovider -rfE
+  run gpu_tests "$TEST_S" python3 -m pytest -q -m gpu tests --ignore=tests/test_qmatmul_gpu.py -p no:cacheprovider \
+      -rfE --continue-on-collection-errors
+fi
 # Optional qmatmul tuning first (QMM_TUNE_S=seconds): winners JSON for this GPU, used by the qmatmul bench.
 if [ -n "${QMM_TUNE_S:-}" ]; then
   gpu=$(python3 -c "import torch,re; print(re.sub(r'[^a-z0-9]+','_',torch.cuda.get_device_name().lower()).strip('_'))")
   export VLM_QMATMUL_CONFIGS="$OUT/results/qmatmul_$gpu.json"
   run qmatmul_tune $(( QMM_TUNE_S + 15 )) python3 bench/bench_qmatmul.py --tune --quick --types "${QMM_TUNE_TYPES:-Q4_0,Q4_K}" \
-      --tune-ms 1,16 --budget-s "$QMM_TUNE_S" --tune-out "$VLM_QMATMUL_CONFIGS"
+      --tune-ms 1,4,16 --budget-s "$QMM_TUNE_S" --tune-out "$VLM_QMATMUL_CONFIGS"
   [ -f "$VLM_QMATMUL_CONFIGS" ] || unset VLM_QMATMUL_CONFIGS
 fi
 for b in $BENCHES; do
