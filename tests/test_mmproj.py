@@ -241,6 +241,28 @@ def test_outtype_f16_and_q8_0_types(tiny, tmp_path):
     assert types["mm.0.weight"] == T.F16 and types["v.pre_ln.weight"] == T.F32
 
 
+def test_fused_qkv_views_and_quantized_projections(tiny, tmp_path, monkeypatch):
+    """Float towers run one fused q/k/v matmul whose q/k/v entries are views of it (no second copy); a
+    quantized file keeps three matmuls and still matches its own dequantized weights."""
+    monkeypatch.setenv("VLM_KERNELS", "torch")
+    hf_dir, path, hf = tiny("llava")
+    enc = load_mmproj(path, device="cpu", dtype=torch.float32)
+    L = enc.layers[0]
+    fused = L["qkv.weight"]
+    d = fused.shape[0] // 3
+    for i, n in enumerate("qkv"):
+        w = enc.weights[f"v.blk.0.attn_{n}.weight"]
+        assert w is L[f"attn_{n}.weight"] and w.data_ptr() == fused[i * d].data_ptr()
+    with GGUFFile(path) as f:
+        assert torch.equal(enc.weights["v.blk.0.attn_k.weight"], f.load("v.blk.0.attn_k.weight", torch.float32))
+        assert torch.equal(L["qkv.bias"][d:2 * d], f.load("v.blk.0.attn_k.bias", torch.float32))
+    q8 = load_mmproj(convert_mmproj(hf_dir, tmp_path / "q8.gguf", "q8_0"), device="cpu", dtype=torch.float32)
+    assert "qkv.weight" not in q8.layers[0]
+    px = _pixels(1, enc.config.image_size, seed=3)
+    err = (q8.encode(px)[0] - enc.encode(px)[0]).abs().max().item()
+    assert 0 < err < 0.05 * enc.encode(px)[0].abs().max().item()     # Q8_0 weights: close, not equal
+
+
 def test_cli_mmproj_matches_api(tiny, tmp_path):
     from vlm.cli import main
     hf_dir, path, _ = tiny("idefics3")

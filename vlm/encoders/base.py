@@ -126,6 +126,30 @@ def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def fuse_qkv(layer: dict, weights: dict, prefix: str) -> None:
+    """Give a layer one [3·D, D] q/k/v projection ("qkv.weight", "qkv.bias"): one matmul instead of three
+    (measured 3-12 % faster on the CPU for the encoders' shapes, and one GEMM launch instead of three on a GPU).
+    The layer's and the GGUF-named `weights` entries of attn_q/k/v become views of the fused tensors, so no
+    second copy stays alive. Left as is when a projection is quantized or the three differ in shape. A missing
+    bias (Whisper's K) is zeros in the fused bias, which keeps the sum exact."""
+    ws = [layer.get(f"attn_{n}.weight") for n in "qkv"]
+    if any(not isinstance(w, torch.Tensor) for w in ws) or not ws[0].shape == ws[1].shape == ws[2].shape:
+        return
+    d = ws[0].shape[0]
+    fused = torch.cat(ws).contiguous()
+    bs = [layer.get(f"attn_{n}.bias") for n in "qkv"]
+    fb = None
+    if any(b is not None for b in bs):
+        fb = torch.cat([b.reshape(d).to(fused.dtype) if b is not None else fused.new_zeros(d) for b in bs])
+    layer["qkv.weight"], layer["qkv.bias"] = fused, fb
+    for i, n in enumerate("qkv"):
+        for name, t in ((f"attn_{n}.weight", fused), (f"attn_{n}.bias", fb if bs[i] is not None else None)):
+            if t is not None:
+                layer[name] = t[i * d:(i + 1) * d]
+                if prefix + name in weights:
+                    weights[prefix + name] = layer[name]
+
+
 def load_weights(cls, f: GGUFFile, cfg, device, dtype, what: str):
     """What every encoder's from_gguf shares: device/dtype defaults (fp32 on CPU, bf16 on CUDA), the check that
     `cls.tensor_names(cfg)`'s required tensors are present, and loading them plus the optional ones present.
@@ -153,6 +177,8 @@ class MmprojEncoder:
         self.layers = [{k[len(f"v.blk.{il}."):]: w for k, w in weights.items() if k.startswith(f"v.blk.{il}.")}
                        for il in range(config.n_layer)]
         check_tensors(weights, self.tensor_names(config)[0], path, f"mmproj {config.projector_type}")
+        for il, layer in enumerate(self.layers):
+            fuse_qkv(layer, weights, f"v.blk.{il}.")
         from vlm.encoders import clip
         self.tower = clip.VisionTower(self)
 

@@ -133,9 +133,12 @@ class VisionTower:
                 stack.append(x)
             L = enc.layers[il]
             h = kernels.layer_norm(x, L["ln1.weight"], L.get("ln1.bias"), eps)
-            q = linear(h, L["attn_q.weight"], L.get("attn_q.bias")).view(n_tok, cfg.n_head, cfg.head_dim)
-            k = linear(h, L["attn_k.weight"], L.get("attn_k.bias")).view(n_tok, cfg.n_head, cfg.head_dim)
-            v = linear(h, L["attn_v.weight"], L.get("attn_v.bias")).view(n_tok, cfg.n_head, cfg.head_dim)
+            if "qkv.weight" in L:               # one fused projection (vlm.encoders.base.fuse_qkv): strided views
+                q, k, v = linear(h, L["qkv.weight"], L["qkv.bias"]).view(n_tok, 3, cfg.n_head, cfg.head_dim).unbind(1)
+            else:
+                q = linear(h, L["attn_q.weight"], L.get("attn_q.bias")).view(n_tok, cfg.n_head, cfg.head_dim)
+                k = linear(h, L["attn_k.weight"], L.get("attn_k.bias")).view(n_tok, cfg.n_head, cfg.head_dim)
+                v = linear(h, L["attn_v.weight"], L.get("attn_v.bias")).view(n_tok, cfg.n_head, cfg.head_dim)
             a = kernels.attention(q, k, v, causal=False, cu_seqlens_q=cu, cu_seqlens_k=cu)
             a = linear(a.reshape(n_tok, D), L["attn_out.weight"], L.get("attn_out.bias"))
             h, x = kernels.layer_norm(a, L["ln2.weight"], L.get("ln2.bias"), eps, residual=x)   # x += attn

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from vlm.encoders.base import MmprojEncoder, MmprojError, VisionConfig, load_weights
+from vlm.encoders.base import MmprojEncoder, MmprojError, VisionConfig, fuse_qkv, load_weights
 from vlm.graph import linear
 from vlm.registry import check_tensors
 
@@ -102,6 +102,8 @@ class Qwen2VLEncoder(MmprojEncoder):
         check_tensors(weights, self.tensor_names(config)[0], path, f"mmproj {config.projector_type}")
         self.layers = [{k[len(f"v.blk.{il}."):]: w for k, w in weights.items() if k.startswith(f"v.blk.{il}.")}
                        for il in range(config.n_layer)]
+        for il, layer in enumerate(self.layers):
+            fuse_qkv(layer, weights, f"v.blk.{il}.")
         self.n_wa_pattern = int(n_wa_pattern)
         self.window_px = int(window_px)
         self.tokens_per_second = tokens_per_second
@@ -307,10 +309,15 @@ class Qwen2VLEncoder(MmprojEncoder):
         self._tap("inp_embd", -1, x)
         h = self._norm(x, self.layers[0]["ln1.weight"], self.layers[0].get("ln1.bias")) if cfg.n_layer else x
         for il, L in enumerate(self.layers):
-            q = linear(h, L["attn_q.weight"], L.get("attn_q.bias")).view(n, H, hd)
-            k = linear(h, L["attn_k.weight"], L.get("attn_k.bias")).view(n, H, hd)
-            v = linear(h, L["attn_v.weight"], L.get("attn_v.bias")).view(n, H, hd)
-            qk = kernels.rope(torch.cat([q, k], dim=1), pos, theta=VISION_THETA, mode="vision")
+            if "qkv.weight" in L:               # one fused projection (vlm.encoders.base.fuse_qkv)
+                qkv = linear(h, L["qkv.weight"], L["qkv.bias"]).view(n, 3 * H, hd)
+                qk, v = qkv[:, :2 * H], qkv[:, 2 * H:]
+            else:
+                q = linear(h, L["attn_q.weight"], L.get("attn_q.bias")).view(n, H, hd)
+                k = linear(h, L["attn_k.weight"], L.get("attn_k.bias")).view(n, H, hd)
+                v = linear(h, L["attn_v.weight"], L.get("attn_v.bias")).view(n, H, hd)
+                qk = torch.cat([q, k], dim=1)
+            qk = kernels.rope(qk, pos, theta=VISION_THETA, mode="vision")
             q, k = qk[:, :H], qk[:, H:]
             cu = cu_full if self.is_full_attn(il) else cu_win
             a = kernels.attention(q.contiguous(), k.contiguous(), v, causal=False, cu_seqlens_q=cu, cu_seqlens_k=cu)

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 import kernels
 from kernels.quant import QTensor
-from vlm.encoders.base import MmprojError, MmprojMismatchError, _default_device, load_weights
+from vlm.encoders.base import MmprojError, MmprojMismatchError, _default_device, fuse_qkv, load_weights
 from vlm.gguf import GGUFFile, GGUFKeyError
 from vlm.graph import linear
 from vlm.registry import check_tensors, encoder_class
@@ -150,14 +150,7 @@ class AudioEncoder:
         self.layers = []
         for il in range(cfg.n_layer):
             L = {k[len(f"a.blk.{il}."):]: t for k, t in weights.items() if k.startswith(f"a.blk.{il}.")}
-            q, k, v = L["attn_q.weight"], L["attn_k.weight"], L["attn_v.weight"]
-            if not any(isinstance(t, QTensor) for t in (q, k, v)):
-                # one [3·D, D] matmul instead of three; K has no bias in Whisper (zeros keep the fused bias exact)
-                bq, bv = L.get("attn_q.bias"), L.get("attn_v.bias")
-                bk = L.get("attn_k.bias")
-                zeros = torch.zeros(D, dtype=self.dtype, device=q.device)
-                L["qkv.weight"] = torch.cat([q, k, v]).contiguous()
-                L["qkv.bias"] = torch.cat([t.to(self.dtype) if t is not None else zeros for t in (bq, bk, bv)])
+            fuse_qkv(L, weights, f"a.blk.{il}.")     # K has no bias in Whisper: zeros in the fused bias
             self.layers.append(L)
 
     # ---- per-projector hooks ------------------------------------------------------------------------------
