@@ -14,11 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-import hf_tiny
 from vlm import mrope
 from vlm.batch import Batch
-from vlm.convert.hf_to_gguf import ConvertError, convert
-from vlm.convert.mmproj import convert_mmproj
+from vlm.convert.hf_to_gguf import ConvertError
 from vlm.convert.mmproj_qwen import n_wa_pattern
 from vlm.encoders import MmprojError
 from vlm.encoders.qwen2vl import rope_positions, window_index
@@ -37,26 +35,10 @@ VERSIONS = ["2", "2.5"]
 PROJ = {"2": "qwen2vl_merger", "2.5": "qwen2.5vl_merger"}
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """version -> (hf_dir, HF model, our Model with mmproj), built once per module."""
-    import transformers
-
-    root = tmp_path_factory.mktemp("qwen2vl")
-    cache = {}
-
-    def get(v):
-        if v not in cache:
-            d = hf_tiny.make_tiny_qwen2_vl(root / v, version=v)
-            convert(d, d / "text.gguf", "f32", progress=False)
-            convert_mmproj(d, d / "mmproj.gguf", "f32")
-            cls = (transformers.Qwen2VLForConditionalGeneration if v == "2"
-                   else transformers.Qwen2_5_VLForConditionalGeneration)
-            hf = cls.from_pretrained(str(d), dtype=torch.float32).eval()
-            m = load(str(d / "text.gguf"), str(d / "mmproj.gguf"), device="cpu", n_ctx=256)
-            cache[v] = (d, hf, m)
-        return cache[v]
-    return get
+@pytest.fixture
+def tiny(tiny_qwen_vl):
+    """version -> (hf_dir, HF model, our Model with mmproj): the session's shared tiny Qwen2-VL / 2.5-VL."""
+    return tiny_qwen_vl
 
 
 def _images(seed=0, sizes=SIZES):

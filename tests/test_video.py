@@ -15,13 +15,9 @@ import pytest
 import torch
 from PIL import Image
 
-import hf_tiny
 from vlm import mtmd
-from vlm.convert.hf_to_gguf import convert
-from vlm.convert.mmproj import convert_mmproj
 from vlm.gguf import GGUFFile
 from vlm.kv_cache import ContextFullError
-from vlm.model import load
 from vlm.preprocess.qwen_video import VideoFrameSizeError, preprocess_qwen2vl_video
 from vlm.preprocess.video import VideoError, load_video, sample_indices
 
@@ -48,23 +44,10 @@ def _animated(frames, fmt="GIF", duration=250) -> bytes:
     return buf.getvalue()
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    import transformers
-    root = tmp_path_factory.mktemp("qwenvideo")
-    cache = {}
-
-    def get(v):
-        if v not in cache:
-            d = hf_tiny.make_tiny_qwen2_vl(root / v, version=v)
-            convert(d, d / "text.gguf", "f32", progress=False)
-            convert_mmproj(d, d / "mmproj.gguf", "f32")
-            cls = (transformers.Qwen2VLForConditionalGeneration if v == "2"
-                   else transformers.Qwen2_5_VLForConditionalGeneration)
-            hf = cls.from_pretrained(str(d), dtype=torch.float32).eval()
-            cache[v] = (d, hf, load(str(d / "text.gguf"), str(d / "mmproj.gguf"), device="cpu", n_ctx=256))
-        return cache[v]
-    return get
+@pytest.fixture
+def tiny(tiny_qwen_vl):
+    """version -> (hf_dir, HF model, our Model with mmproj): the session's shared tiny Qwen2-VL / 2.5-VL."""
+    return tiny_qwen_vl
 
 
 # ---------------------------------------------------------------------------------------------- frame sources
