@@ -1,6 +1,7 @@
 """Shared by the bench scripts (run as `python bench/bench_<op>.py`, so this imports as `_common`)."""
 from __future__ import annotations
 
+import csv
 import os
 import subprocess
 from pathlib import Path
@@ -21,6 +22,30 @@ def git_sha() -> str:
         return sha + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def append_csv(path, fields: list[str], rows: list[dict], **common) -> None:
+    """Append `rows` to the CSV at `path` with the columns `fields` (header written when the file is new).
+    `common` columns (device, git_sha, date) go on every row; floats are written with 6 significant digits,
+    None as an empty cell; keys outside `fields` are dropped. A file whose header differs (an older column set)
+    is rewritten with `fields` plus its own extra columns, its rows kept."""
+    path = Path(path)
+    old, cols = [], list(fields)
+    if path.exists():
+        with open(path, newline="") as f:
+            rd = csv.DictReader(f)
+            if rd.fieldnames and rd.fieldnames != fields:
+                old = list(rd)
+                cols += [c for c in rd.fieldnames if c not in cols]
+    new = not path.exists() or bool(old)
+    fmt = lambda v: f"{v:.6g}" if isinstance(v, float) else ("" if v is None else v)  # noqa: E731
+    with open(path, "w" if old else "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        if new:
+            w.writeheader()
+        w.writerows(old)
+        for r in rows:
+            w.writerow({**common, **{k: fmt(v) for k, v in r.items()}})
 
 
 def timeit(fn, bufs) -> float:

@@ -20,7 +20,6 @@ through the interpreter (timings meaningless, exercises the script). Results: <o
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import os
 import sys
@@ -39,7 +38,7 @@ import triton  # noqa: E402
 
 from kernels.attention import attention_triton  # noqa: E402
 from kernels.decode_attention import decode_attention_triton  # noqa: E402
-from _common import git_sha  # noqa: E402
+from _common import append_csv, git_sha  # noqa: E402
 
 # (name substring, HBM bytes/s, dense bf16 FLOP/s); first match wins.
 DEVICES = [("H200", 4.8e12, 989e12), ("H100 NVL", 3.9e12, 835e12), ("H100 PCIe", 2.0e12, 756e12),
@@ -191,17 +190,10 @@ def main():
     t0 = time.time()
     torch.manual_seed(0)
     rows = bench_prefill(args.quick, dev, dtype, peak) + bench_decode(args.quick, dev, dtype, hbm)
-    path = os.path.join(args.out, "attention.csv")
-    new = not os.path.exists(path)
     fields = ["device", "git_sha", "date", "kind", "config", "provider", "ms", "tflops", "gbps", "pct_peak",
               "speedup_vs_peer"]
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        if new:
-            w.writeheader()
-        for r in rows:
-            w.writerow({"device": name, "git_sha": sha, "date": date,
-                        **{k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()}})
+    path = os.path.join(args.out, "attention.csv")
+    append_csv(path, fields, rows, device=name, git_sha=sha, date=date)
     plot(rows, os.path.join(args.out, "attention.png"), name)
     print(f"\nattention on {name} ({sha}, {date}, {dtype}), total {time.time() - t0:.1f} s")
     print("pct = % of dense bf16 peak (prefill) or of HBM bandwidth (decode)")

@@ -33,7 +33,6 @@ Results: <out>/audio.csv (part=encoder) and <out>/audio_encoder.png.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import os
 import sys
@@ -46,7 +45,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from vlm.preprocess.audio import CHUNK_SAMPLES, SAMPLE_RATE, log_mel_spectrogram  # noqa: E402
-from _common import git_sha  # noqa: E402
+from _common import append_csv, git_sha  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 N_BUFFERS = 3
@@ -227,10 +226,6 @@ def _bench_encoder(shape, device, ours, hf, n_mels, n_chunks, quick, threads) ->
     return rows
 
 
-def _fmt(v):
-    return f"{v:.6g}" if isinstance(v, float) else v
-
-
 def plot(rows, path, title, provs=("ours", "ours_llama", "hf")):
     try:
         import matplotlib
@@ -285,20 +280,8 @@ def main():
     fields = ["device_name", "git_sha", "date", "part", "case", "n_mels", "audio_s", "device", "threads", "provider",
               "ms", "x_realtime", "speedup_vs_hf", "tflops", "pct_peak"]
     path = os.path.join(args.out, "audio.csv")
-    old_rows = []
-    if os.path.exists(path):                           # a file from before the encoder columns: upgrade its header
-        with open(path, newline="") as f:
-            rd = csv.DictReader(f)
-            if rd.fieldnames != fields:
-                old_rows = list(rd)
-    new = not os.path.exists(path) or bool(old_rows)
-    with open(path, "w" if old_rows else "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        if new:
-            w.writeheader()
-        w.writerows(old_rows)
-        for r in rows + enc_rows:
-            w.writerow({"device_name": name, "git_sha": sha, "date": date, **{k: _fmt(v) for k, v in r.items()}})
+    append_csv(path, fields, rows + enc_rows, device_name=name, git_sha=sha,
+               date=date)
     if rows:
         plot(rows, os.path.join(args.out, "audio_logmel.png"), f"Whisper log-mel — {name}")
     if enc_rows:

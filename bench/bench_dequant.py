@@ -15,7 +15,6 @@ that L2 does not hold the input. GB/s are given for the packed input and for the
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import os
 import platform
@@ -31,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 from gguf import quants as gq  # noqa: E402
 
 from kernels.quant import SUPPORTED_TYPES, GGMLType, block_info, dequantize, row_bytes  # noqa: E402
-from _common import git_sha  # noqa: E402
+from _common import append_csv, git_sha  # noqa: E402
 
 ROOFLINE_GBPS = {"H100": 3350.0, "H200": 4800.0}  # HBM bandwidth (SXM parts)
 # Byte offsets of the fp16 scale fields inside one block (ggml-common.h), set to sane values below.
@@ -139,16 +138,8 @@ def write_outputs(results, out_dir: Path, name: str, dev: str, rows: int, cols: 
     csv_path = out_dir / "dequant.csv"
     fields = ["device", "git_sha", "date", "op", "qtype", "shape", "provider", "ms", "in_GBps", "out_GBps",
               "pct_roofline", "ratio_vs_gguf"]
-    new = not csv_path.exists()
     sha, date = git_sha(), datetime.datetime.now().isoformat(timespec="seconds")
-    with csv_path.open("a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        if new:
-            w.writeheader()
-        for r in results:
-            w.writerow({"device": name, "git_sha": sha, "date": date, "op": "dequant", "shape": f"{rows}x{cols}",
-                        **{k: (f"{v:.4g}" if isinstance(v, float) else ("" if v is None else v))
-                           for k, v in r.items()}})
+    append_csv(csv_path, fields, results, device=name, git_sha=sha, date=date, op="dequant", shape=f"{rows}x{cols}")
     print(f"\ndequantize {rows}x{cols} on {name} ({dev}), GB/s of float32 output "
           f"(packed input GB/s in brackets); ratio = gguf time / our time")
     by = {(r["qtype"], r["provider"]): r for r in results}

@@ -18,7 +18,6 @@ Rows are appended to <out>/generate.csv; the plot goes to <out>/generate.png.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import json
 import os
@@ -29,7 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from _common import git_sha  # noqa: E402
+from _common import append_csv, git_sha  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -333,13 +332,7 @@ def run_worker(engine: str, args, model: Path, timeout: float) -> dict:
 
 # --------------------------------------------------------------------------------------------------------------
 def write_csv(out: Path, rows: list[dict]) -> None:
-    path = out / "generate.csv"
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
-        if new:
-            w.writeheader()
-        w.writerows(rows)
+    append_csv(out / "generate.csv", FIELDS, rows)
 
 
 def plot(out: Path, rows: list[dict], device: str) -> None:

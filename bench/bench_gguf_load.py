@@ -13,7 +13,6 @@ Appends rows to <out>/gguf_load.csv and writes <out>/gguf_load.png.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as dt
 import platform
 import sys
@@ -27,7 +26,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from vlm.gguf import GGUFFile  # noqa: E402
-from _common import git_sha as _git_sha  # noqa: E402
+from _common import append_csv, git_sha as _git_sha  # noqa: E402
 
 DEFAULT_MODEL = ROOT / "models" / "gemma-3-270m-q4_k_m.gguf"
 MAX_DEQUANT_ELEMS = 1 << 21      # rows of the largest tensor per type, capped: numpy dequant of 168M weights is slow
@@ -130,13 +129,7 @@ def write_outputs(rows: list[dict], out: Path) -> None:
     device, sha, date = _device_name(), _git_sha(), dt.datetime.now().isoformat(timespec="seconds")
     fields = ["device", "git_sha", "date", "config", "impl", "seconds", "MB_per_s", "GB_per_s", "ratio_vs_peer"]
     csv_path = out / "gguf_load.csv"
-    new = not csv_path.exists()
-    with open(csv_path, "a", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=fields)
-        if new:
-            w.writeheader()
-        for r in rows:
-            w.writerow({"device": device, "git_sha": sha, "date": date, **r})
+    append_csv(csv_path, fields, rows, device=device, git_sha=sha, date=date)
     try:
         import matplotlib
         matplotlib.use("Agg")

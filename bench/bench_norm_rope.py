@@ -16,7 +16,6 @@ through the interpreter without CUDA. Results: <out>/norm_rope.csv (appended), <
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import os
 import sys
@@ -34,7 +33,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from kernels.norm import layer_norm_triton, rms_norm_triton  # noqa: E402
 from kernels.rope import rope_triton  # noqa: E402
-from _common import git_sha, timeit  # noqa: E402
+from _common import append_csv, git_sha, timeit  # noqa: E402
 
 DEVICES = [("H200", 4.8e12), ("H100", 3.35e12)]   # HBM bytes/s by device-name substring
 
@@ -140,17 +139,10 @@ def main():
     rows = bench_all(args.quick, dev)
     for r in rows:
         r["pct_hbm"] = 100 * r["gbps"] * 1e9 / bw if bw else None
-    path = os.path.join(args.out, "norm_rope.csv")
-    new = not os.path.exists(path)
     fields = ["device", "git_sha", "date", "op", "shape", "provider", "ms", "gbps", "pct_hbm", "peer",
               "speedup_vs_peer"]
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        if new:
-            w.writeheader()
-        for r in rows:
-            w.writerow({"device": name, "git_sha": sha, "date": date,
-                        **{k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()}})
+    path = os.path.join(args.out, "norm_rope.csv")
+    append_csv(path, fields, rows, device=name, git_sha=sha, date=date)
     plot(rows, os.path.join(args.out, "norm_rope.png"), name)
     print(f"\nnorm/rope on {name} ({sha}, {date}), total {time.time() - t0:.1f} s")
     print(f"{'op':<20}{'shape':<20}{'triton ms':>10}{'GB/s':>9}{'%HBM':>7}{'peer':>14}{'peer GB/s':>10}{'x peer':>8}")

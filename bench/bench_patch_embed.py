@@ -21,7 +21,6 @@ Results: <out>/patch_embed.csv (appended) and <out>/patch_embed.png.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import os
 import sys
@@ -38,7 +37,7 @@ sys.path.insert(0, ROOT)
 import torch.nn.functional as F  # noqa: E402
 
 from kernels.patch_embed import patch_embed_triton  # noqa: E402
-from _common import git_sha, timeit  # noqa: E402
+from _common import append_csv, git_sha, timeit  # noqa: E402
 
 # (name, peak bf16 dense FLOP/s, HBM bytes/s), matched by substring of the device name
 DEVICES = [("H200", 989e12, 4.8e12), ("H100", 989e12, 3.35e12)]
@@ -202,13 +201,7 @@ def main():
               "pct_peak_flops", "gbps", "pct_hbm", "speedup_vs_unfold_linear", "speedup_vs_conv2d",
               "speedup_vs_conv3d", "speedup_vs_torch_matmul", "note"]
     path = os.path.join(args.out, "patch_embed.csv")
-    new = not os.path.exists(path)
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        if new:
-            w.writeheader()
-        for r in rows:
-            w.writerow({"device": name, "git_sha": sha, "date": date, **{k: _fmt(v) for k, v in r.items()}})
+    append_csv(path, fields, rows, device=name, git_sha=sha, date=date)
     plot(rows, os.path.join(args.out, "patch_embed.png"), name)
 
     print(f"\npatch_embed on {name} ({sha}, {date}), total {time.time() - t0:.1f} s")
@@ -230,10 +223,6 @@ def main():
               f"{ge['tflops']:>10.1f}{d['torch_matmul']['tflops']:>9.1f}{ge['speedup_vs_torch_matmul']:>6.2f}"
               f"{(pct if pct is not None else float('nan')):>7.1f}")
     print(f"targets (H100): x unf >= 1.2, x conv3d >= 10, gemm >= 0.9x torch.matmul. CSV: {path}")
-
-
-def _fmt(v):
-    return f"{v:.6g}" if isinstance(v, float) else v
 
 
 def plot(rows, path, device):

@@ -15,7 +15,6 @@ CPU: a quick sweep of the torch path (cached dense weights vs dequantize-per-cal
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import json
 import math
@@ -35,7 +34,7 @@ from kernels import qmatmul_configs as qcfg  # noqa: E402
 from kernels._qblocks import GEOMETRY  # noqa: E402
 from kernels.qmatmul import dequant_cache, qmatmul_torch, qmatmul_triton  # noqa: E402
 from kernels.quant import GGMLType, QTensor  # noqa: E402
-from _common import git_sha  # noqa: E402
+from _common import append_csv, git_sha  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (896, 4864), (640, 2048)]   # (N, K)
 MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096]
@@ -76,14 +75,7 @@ FIELDS = ["device", "git_sha", "date", "op", "provider", "qtype", "N", "K", "M",
 
 
 def write_csv(out: Path, rows: list[dict]) -> None:
-    path = out / "qmatmul.csv"
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
-        wr = csv.DictWriter(f, fieldnames=FIELDS)
-        if new:
-            wr.writeheader()
-        for r in rows:
-            wr.writerow({k: r.get(k, "") for k in FIELDS})
+    append_csv(out / "qmatmul.csv", FIELDS, rows)
 
 
 def plot(out: Path, rows: list[dict], device: str) -> None:

@@ -28,7 +28,6 @@ Results: <out>/vision.csv (appended) and <out>/vision.png. The issue's target: e
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import os
 import sys
@@ -48,7 +47,7 @@ from vlm.encoders import load_mmproj  # noqa: E402
 from vlm.gguf import write_gguf  # noqa: E402
 from vlm.preprocess import image as P  # noqa: E402
 from vlm.preprocess.qwen_image import preprocess_qwen2vl  # noqa: E402
-from _common import git_sha  # noqa: E402
+from _common import append_csv, git_sha  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 PEAK_BF16_TFLOPS = 989.0
@@ -426,10 +425,6 @@ def bench_model(name: str, quick: bool, threads: list[int], tmp: str) -> list[di
 
 
 # ------------------------------------------------------------------------------------ output
-def _fmt(v):
-    return f"{v:.6g}" if isinstance(v, float) else ("" if v is None else v)
-
-
 def plot(rows, path, title):
     try:
         import matplotlib
@@ -492,13 +487,7 @@ def main():
             rows += bench_model(m, args.quick, threads, tmp)
 
     path = os.path.join(args.out, "vision.csv")
-    new = not os.path.exists(path)
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
-        if new:
-            w.writeheader()
-        for r in rows:
-            w.writerow({"device_name": name, "git_sha": sha, "date": date, **{k: _fmt(v) for k, v in r.items()}})
+    append_csv(path, FIELDS, rows, device_name=name, git_sha=sha, date=date)
     plot(rows, os.path.join(args.out, "vision.png"), f"vision encoders — {name} ({sha})")
 
     print(f"\nvision encoders on {name} ({sha}, {date}), total {time.time() - t0:.1f} s")
