@@ -39,7 +39,7 @@ def _frames(n, h=56, w=84, seed=0):
 def _animated(frames, fmt="GIF", duration=250) -> bytes:
     ims = [Image.fromarray(f) for f in frames]
     buf = io.BytesIO()
-    kw = dict(lossless=True) if fmt == "WEBP" else dict(disposal=1)
+    kw = dict(lossless=True) if fmt == "WEBP" else dict(disposal=1) if fmt == "GIF" else {}
     ims[0].save(buf, format=fmt, save_all=True, append_images=ims[1:], duration=duration, loop=0, **kw)
     return buf.getvalue()
 
@@ -253,3 +253,21 @@ def test_cli_generate_with_video(tiny, tmp_path, capsys):
     assert out.out.rstrip("\n") == ref
     rc = main(args + ["--video", str(tmp_path / "clip.mp4")])
     assert rc == 1 and "ffmpeg" in capsys.readouterr().err
+
+
+def test_truncated_or_random_animation_bytes_give_a_clear_error():
+    """Every prefix cut of an animated GIF / WebP / PNG, and random bytes: a VideoError / ImageError, never
+    another exception (Pillow raises IndexError, struct.error, ... on cut files) and never the first frames of a
+    cut file passed off as the whole video (a GIF cut after its second frame decodes as 2 frames)."""
+    from vlm.preprocess.image import ImageError
+    rng = np.random.default_rng(9)
+    for fmt in ("GIF", "WEBP", "PNG"):
+        data = _animated(_frames(3, seed=6), fmt)
+        assert len(load_video(data).frames) == 3
+        cuts = sorted(set(rng.integers(1, len(data), 40).tolist()) | set(range(len(data) - 24, len(data))))
+        for cut in cuts:
+            with pytest.raises(ImageError):
+                load_video(data[:cut])
+    for n in (1, 7, 64, 1000):
+        with pytest.raises(ImageError):
+            load_video(rng.integers(0, 256, n, dtype=np.uint8).tobytes())

@@ -78,10 +78,28 @@ def _frames_of_dir(path: str) -> list[str]:
     return [os.path.join(path, n) for n in names]
 
 
+def _check_complete(data: bytes, name: str) -> None:
+    """A cut-off animation still decodes its first frames: refuse it instead of silently dropping the rest
+    (GIF ends with its 0x3B trailer, PNG with an IEND chunk, WebP is as long as its RIFF header says)."""
+    end = data.rstrip(b"\0")
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        complete, what = end.endswith(b";"), "the GIF trailer"
+    elif data[:8] == b"\x89PNG\r\n\x1a\n":
+        complete, what = data.endswith(b"\0\0\0\0IEND\xaeB`\x82"), "the PNG IEND chunk"   # fixed 12 bytes
+    elif data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        complete, what = len(data) >= struct.unpack("<I", data[4:8])[0] + 8, "the length its RIFF header gives"
+    else:
+        return
+    if not complete:
+        raise VideoError(f"{name}: corrupt or truncated animated image: the data ends before {what} "
+                         f"({len(data)} bytes)")
+
+
 def _animated(data: bytes, name: str, fps: float | None, sample_fps: float | None, max_frames: int,
               max_pixels: int | None) -> VideoFrames:
     """Every (sampled) frame of an animated GIF / WebP / PNG, as RGB arrays; fps from the frame durations."""
     image_size(data, max_pixels=max_pixels)                   # header, size and decompression-bomb checks
+    _check_complete(data, name)
     try:
         im = Image.open(io.BytesIO(data))
         n = int(getattr(im, "n_frames", 1))
