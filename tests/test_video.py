@@ -271,3 +271,24 @@ def test_truncated_or_random_animation_bytes_give_a_clear_error():
     for n in (1, 7, 64, 1000):
         with pytest.raises(ImageError):
             load_video(rng.integers(0, 256, n, dtype=np.uint8).tobytes())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("v", VERSIONS)
+def test_image_and_video_prompt_gpu_bf16_matches_cpu_fp32(tiny, v):
+    """The whole Qwen path on a GPU in bf16 (vision tower, windows, merger, M-RoPE decoder): last-token logits of
+    an image + video prompt vs our CPU fp32 run, which the tests above check against HF."""
+    from vlm.model import load
+    d, _, cpu = tiny(v)
+    rng = np.random.default_rng(8)
+    media = [rng.integers(0, 256, (84, 140, 3), dtype=np.uint8), mtmd.Bitmap.from_video(_frames(5, seed=7), fps=3)]
+    prompt = "Picture:<__media__> and clip:<__media__> compared?"
+    out = []
+    for m in (cpu, load(str(d / "text.gguf"), str(d / "mmproj.gguf"), device="cuda", dtype=torch.bfloat16,
+                        n_ctx=256)):
+        m.reset()
+        mtmd.eval_chunks(m, mtmd.tokenize(m, prompt, media))
+        out.append(mtmd.context(m).last_logits.float().cpu())
+    ref, got = out
+    err = (got - ref).abs().max().item() / ref.abs().max().item()
+    assert err <= 2e-2, f"Qwen{v}-VL bf16 GPU vs fp32 CPU: relative error {err:.3e}"   # bf16 row of the table
