@@ -32,7 +32,7 @@ import torch  # noqa: E402
 
 from kernels import qmatmul_configs as qcfg  # noqa: E402
 from kernels._qblocks import GEOMETRY  # noqa: E402
-from kernels.qmatmul import dequant_cache, qmatmul_torch, qmatmul_triton  # noqa: E402
+from kernels.qmatmul import dequant_cache, dequantize_triton, qmatmul_torch, qmatmul_triton  # noqa: E402
 from kernels.quant import GGMLType, QTensor  # noqa: E402
 from _common import append_csv, git_sha  # noqa: E402
 
@@ -71,7 +71,8 @@ def cfg_str(cfg: dict) -> str:
 
 
 FIELDS = ["device", "git_sha", "date", "op", "provider", "qtype", "N", "K", "M", "config", "time_us", "gb_s",
-          "pct_hbm", "tflops", "peer_time_us", "speedup_vs_peer"]
+          "pct_hbm", "tflops", "peer_time_us", "speedup_vs_peer", "rel_err"]
+BF16_TOL = 2e-2     # max |y - ref| / max |ref| for bf16 activations (the tests' tolerance table)
 
 
 def write_csv(out: Path, rows: list[dict]) -> None:
@@ -154,11 +155,16 @@ def bench_gpu(args) -> list[dict]:
                 cfg = qcfg.choose(M, N, K, w.qtype, GEOMETRY[w.qtype].qk, interpret=False, device_name=name,
                                   n_sm=torch.cuda.get_device_properties(dev).multi_processor_count)
                 tq = timer(lambda: qmatmul_triton(x, w)) * 1e-3
+                # every timed case is also checked: fp32 reference from the fp32 dequantization (the spec)
+                ref = x.float() @ dequantize_triton(w, torch.float32).t()
+                rel = ((qmatmul_triton(x, w).float() - ref).abs().max() / ref.abs().max()).item()
+                del ref
                 nbytes = w.nbytes + x.numel() * 2 + M * N * 2
                 rows.append(dict(meta, provider="triton", qtype=t, N=N, K=K, M=M, config=cfg_str(cfg),
                                  time_us=tq * 1e6, gb_s=nbytes / tq / 1e9,
                                  pct_hbm=100 * nbytes / tq / hbm if hbm else "", tflops=flops / tq / 1e12,
-                                 peer_time_us=t_peer * 1e6, speedup_vs_peer=t_peer / tq, packed_mb=w.nbytes / 1e6))
+                                 peer_time_us=t_peer * 1e6, speedup_vs_peer=t_peer / tq, packed_mb=w.nbytes / 1e6,
+                                 rel_err=rel))
             print(f"M={M:<5d} N={N:<6d} K={K:<6d} done  ({time.time() - t0:.0f} s)", flush=True)
     return rows
 
@@ -188,6 +194,9 @@ def summarize_gpu(rows: list[dict]) -> None:
     ratios = [get[k]["time_us"] / get[k[:3] + (1,)]["time_us"] for k in get if k[3] == 16 and k[:3] + (1,) in get]
     if ratios:
         print(f"  t(M=16) <= 1.2 t(M=1): median {statistics.median(ratios):.2f}, max {max(ratios):.2f}")
+    bad = [r for r in tri if not r.get("rel_err", 0.0) <= BF16_TOL]
+    print(f"  correctness: {len(tri) - len(bad)} of {len(tri)} cases within {BF16_TOL} of the fp32 reference"
+          + "".join(f"\n    OVER: {r['qtype']} {r['N']}x{r['K']} M={r['M']} rel_err {r['rel_err']:.3g}" for r in bad))
     large = [r["speedup_vs_peer"] for r in tri if r["M"] >= 256]
     if large:
         print(f"  M>=256 >= 0.85x bf16 TFLOP/s: median {statistics.median(large):.2f}x, min {min(large):.2f}x")
