@@ -74,7 +74,7 @@ def test_load_video_sources(tmp_path):
     assert v.fps == 3 and [np.array_equal(g, frames[i % 5]) for g, i in zip(got, (1, 2, 10))] == [True] * 3
 
 
-def test_sampling_and_limits(tmp_path):
+def test_sampling_and_limits(tmp_path, monkeypatch):
     assert sample_indices(10, 10, 2) == [0, 5]
     assert sample_indices(7, 2, None) == list(range(7)) and sample_indices(7, 2, 30) == list(range(7))
     assert sample_indices(30, 30, 4) == [0, 7, 15, 22]
@@ -83,6 +83,10 @@ def test_sampling_and_limits(tmp_path):
     with pytest.raises(VideoError, match="more than max_frames=3"):
         load_video(_frames(4), max_frames=3)
     assert len(load_video(_frames(4), max_frames=3, sample_fps=1).frames) == 2
+    monkeypatch.setattr("vlm.preprocess.video.MAX_DECODED_BYTES", 3 * 56 * 84 * 3)   # room for 3 frames
+    with pytest.raises(VideoError, match=r"4 frames of 84x56 would decode to .* pass sample_fps"):
+        load_video(_animated(_frames(4)))
+    assert len(load_video(_animated(_frames(4), duration=500), sample_fps=1).frames) == 2
     with pytest.raises(VideoError, match="at least one frame"):
         load_video([])
     with pytest.raises(VideoError, match="fps must be a positive"):

@@ -29,6 +29,7 @@ from vlm.preprocess.image import DEFAULT_MAX_PIXELS, ImageError, image_size, rea
 
 DEFAULT_FPS = 2.0
 DEFAULT_MAX_FRAMES = 768          # HF Qwen2VLVideoProcessor.max_frames
+MAX_DECODED_BYTES = 2 << 30       # RGB bytes an animated file may decode to (all kept frames together)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
 CONTAINER_SUFFIXES = (".mp4", ".m4v", ".mkv", ".webm", ".avi", ".mov", ".mpg", ".mpeg", ".flv", ".wmv", ".3gp",
                       ".ts", ".ogv")
@@ -118,6 +119,10 @@ def _animated(data: bytes, name: str, fps: float | None, sample_fps: float | Non
             fps = 1000.0 / ms if ms > 0 else DEFAULT_FPS
         keep = sample_indices(n, fps, sample_fps)
         _check_count(len(keep), max_frames, name, n, fps)
+        if len(keep) * im.width * im.height * 3 > MAX_DECODED_BYTES:
+            raise VideoError(f"{name}: {len(keep)} frames of {im.width}x{im.height} would decode to "
+                             f"{len(keep) * im.width * im.height * 3 / 2**30:.1f} GiB of RGB, above "
+                             f"{MAX_DECODED_BYTES / 2**30:.0f} GiB: pass sample_fps= or max_frames= to keep fewer")
         frames = []
         for i in keep:
             im.seek(i)
