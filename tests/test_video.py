@@ -117,6 +117,9 @@ def test_bitmap_ids():
     assert a.kind == "video" and a.id == b.id and len(a.frames) == 4
     assert mtmd.Bitmap.from_video(f, fps=3).id != a.id                # fps moves the positions: another id
     assert mtmd.Bitmap.from_video(f[::-1]).id != a.id
+    assert mtmd.Bitmap.from_video(f, max_pixels=28 * 28 * 4).id != a.id
+    with pytest.raises(mtmd.MediaError, match="min_pixels 5000 exceeds max_pixels 4000"):
+        mtmd.Bitmap.from_video(f, min_pixels=5000, max_pixels=4000)
     assert mtmd.Bitmap.of(np.stack(f)).kind == "video"
     with pytest.raises(mtmd.MediaError, match="frame_policy"):
         mtmd.Bitmap.from_video(f, frame_policy="crop")
@@ -215,6 +218,11 @@ def test_generate_with_video_is_greedy_hf_continuation(tiny):
     m.generate(msgs, max_tokens=1, temperature=0, chat_template="{% for m in messages %}{{ m['content'] }}"
                                                                   "{% endfor %}")
     assert ctx.n_encoded == n_enc                                     # same frames + fps: embedding cache hit
+    total = m.last_result.stats.n_prompt_total
+    msgs[0]["content"][0]["max_pixels"] = 28 * 28 * 4                # Qwen's message keys: per-video limits
+    m.generate(msgs, max_tokens=1, temperature=0, chat_template="{% for m in messages %}{{ m['content'] }}"
+                                                                  "{% endfor %}")
+    assert ctx.n_encoded == n_enc + 1 and m.last_result.stats.n_prompt_total == total - 12 + 4   # 2 slots x 2
 
 
 def test_video_bad_input(tiny):
@@ -224,6 +232,12 @@ def test_video_bad_input(tiny):
         mtmd.tokenize(m, "<__media__>", [mtmd.Bitmap.from_video(mixed)])
     chunks = mtmd.tokenize(m, "<__media__>", [mtmd.Bitmap.from_video(mixed, frame_policy="resize")])
     assert [c.n_tokens for c in chunks if c.type == "video"] == [12]
+    # per-video pixel limits: 56x84 frames capped at 4 merged tokens (28·28·4 px) -> 2 slots x 2 tokens, counted
+    # and encoded alike
+    small = mtmd.Bitmap.from_video(_frames(4), max_pixels=28 * 28 * 4)
+    c = next(c for c in mtmd.tokenize(m, "<__media__>", [small]) if c.type == "video")
+    assert c.n_tokens == 4 and c.hw == (28, 56)
+    assert mtmd.encode(m, c).shape[0] == 4
     m.reset()
     before = m.kv.seq_len(0)
     with pytest.raises(ContextFullError, match="n_ctx=256"):         # 90 frames: 45 slots x 6 tokens > 256

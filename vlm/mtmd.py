@@ -77,6 +77,7 @@ class Bitmap:
     frames: list | None = None
     fps: float = 0.0
     frame_policy: str = "error"
+    pixel_limits: tuple = (None, None)   # a video's (min_pixels, max_pixels) per frame; None: the image defaults
     _sizes: dict = field(default_factory=dict, repr=False)
 
     @staticmethod
@@ -132,13 +133,15 @@ class Bitmap:
 
     @classmethod
     def from_video(cls, source, *, fps: float | None = None, sample_fps: float | None = None,
-                   max_frames: int | None = None, frame_policy: str = "error", name: str | None = None) -> "Bitmap":
+                   max_frames: int | None = None, frame_policy: str = "error", name: str | None = None,
+                   min_pixels: int | None = None, max_pixels: int | None = None) -> "Bitmap":
         """A video: a list of frames (paths, bytes, arrays, PIL images), a [T, H, W, C] uint8 array, a directory of
-        images or an animated GIF / WebP / PNG; see vlm.preprocess.video.load_video for fps / sample_fps."""
+        images or an animated GIF / WebP / PNG; see vlm.preprocess.video.load_video for fps / sample_fps.
+        min_pixels / max_pixels bound each resized frame (default: the Qwen image limits)."""
         from vlm.mtmd_video import video_bitmap
         from vlm.preprocess.video import DEFAULT_MAX_FRAMES
         return video_bitmap(cls, source, fps=fps, sample_fps=sample_fps, max_frames=max_frames or DEFAULT_MAX_FRAMES,
-                            frame_policy=frame_policy, name=name)
+                            frame_policy=frame_policy, name=name, min_pixels=min_pixels, max_pixels=max_pixels)
 
     @classmethod
     def of(cls, source, kind: str | None = None) -> "Bitmap":

@@ -10,7 +10,8 @@ order); a
 prompt without markers gets one marker per bitmap at its start (llama.cpp's mtmd-cli does the same). Chat
 messages: a content part ``{"type": "image", "image": path | bytes | array | Bitmap}`` (``"path"``/``"url"`` for
 local paths are accepted too), ``{"type": "audio", "audio": ...}`` or ``{"type": "video", "video": frames | directory |
-animated GIF, "fps": 2}`` (Qwen2-VL / 2.5-VL; vlm.mtmd_video) becomes the marker in the rendered template,
+animated GIF, "fps": 2[, "sample_fps", "min_pixels", "max_pixels"]}`` (Qwen2-VL / 2.5-VL, keys as in Qwen's own
+message format; vlm.mtmd_video) becomes the marker in the rendered template,
 and the parts of a message are joined into one string, so templates written for string content render them;
 images / audio given as arguments follow the media of the messages.
 
@@ -66,7 +67,9 @@ def messages_with_markers(messages, marker: str) -> tuple[list[dict], list[Bitma
                 elif isinstance(p, dict) and p.get("type") in _MEDIA_TYPES:
                     kind, src = _part_source(p)
                     if kind == "video" and not isinstance(src, Bitmap):
-                        bitmaps.append(Bitmap.from_video(src, fps=p.get("fps"), sample_fps=p.get("sample_fps")))
+                        bitmaps.append(Bitmap.from_video(src, fps=p.get("fps"), sample_fps=p.get("sample_fps"),
+                                                         min_pixels=p.get("min_pixels"),
+                                                         max_pixels=p.get("max_pixels")))
                     else:
                         bitmaps.append(Bitmap.of(src, kind))
                     texts.append(marker)

@@ -7,7 +7,9 @@
 Layout, as the Qwen2-VL / Qwen2.5-VL chat templates and processors build it: ``<|vision_start|>`` + t·rows·cols
 video tokens + ``<|vision_end|>``. Frames are resized to the smart_resize size of the first frame (same limits as
 images) and paired: t = ceil(n_frames / 2) temporal slots, an odd count repeating its last frame
-(vlm.preprocess.qwen_video). The templates write no time text for these models: the time stamps are the M-RoPE
+(vlm.preprocess.qwen_video); `min_pixels` / `max_pixels` per video override the image limits (HF's bare
+Qwen2VLVideoProcessor defaults are 128·28·28 / 768·28·28). The templates write no time text for these models: the
+time stamps are the M-RoPE
 temporal positions — slot k at p + floor(k · step), step 1 for Qwen2-VL and tokens_per_second · 2 / fps for
 Qwen2.5-VL (HF second_per_grid_ts), rows / columns as for an image; the next chunk starts at p + max(rows, cols)
 (HF get_rope_index). Frames of different sizes are refused unless the bitmap's frame_policy is "resize".
@@ -25,21 +27,28 @@ FRAME_POLICIES = ("error", "resize")
 
 
 def video_bitmap(cls, source, *, fps: float | None = None, sample_fps: float | None = None,
-                 max_frames: int = DEFAULT_MAX_FRAMES, frame_policy: str = "error", name: str | None = None):
+                 max_frames: int = DEFAULT_MAX_FRAMES, frame_policy: str = "error", name: str | None = None,
+                 min_pixels: int | None = None, max_pixels: int | None = None):
     """Bitmap of kind "video": its frames are image Bitmaps (encoded files stay encoded until encode time)."""
     from vlm.mtmd import MediaError
     if frame_policy not in FRAME_POLICIES:
         raise MediaError(f"frame_policy must be one of {FRAME_POLICIES}, got {frame_policy!r}")
+    for what, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+            raise MediaError(f"{what} must be a positive int or None, got {v!r}")
+    if min_pixels is not None and max_pixels is not None and min_pixels > max_pixels:
+        raise MediaError(f"min_pixels {min_pixels} exceeds max_pixels {max_pixels}")
     v = load_video(source, fps=fps, sample_fps=sample_fps, max_frames=max_frames, name=name)
     frames = []
     for i, f in enumerate(v.frames):
         fname = f"{v.name}[frame {i}]"
         frames.append(cls.from_bytes(f, "image", name=fname) if isinstance(f, bytes)
                       else cls.from_array(f, "image", name=fname))
-    h = hashlib.sha256(f"video:{v.fps!r}:{frame_policy}:{len(frames)}:".encode())
+    h = hashlib.sha256(f"video:{v.fps!r}:{frame_policy}:{min_pixels}:{max_pixels}:{len(frames)}:".encode())
     for f in frames:
         h.update(f.id.encode())
-    return cls("video", h.hexdigest(), name=v.name, frames=frames, fps=v.fps, frame_policy=frame_policy)
+    return cls("video", h.hexdigest(), name=v.name, frames=frames, fps=v.fps, frame_policy=frame_policy,
+               pixel_limits=(min_pixels, max_pixels))
 
 
 def _check_encoder(ctx, bmp):
@@ -61,7 +70,9 @@ def video_size(ctx, bmp) -> tuple[int, int]:
                 raise VideoFrameSizeError(f"{bmp.name}: frame {i} is {s[1]}x{s[0]} but frame 0 is {w}x{h}: all "
                                           f"frames of a video must share one size (or use frame_policy='resize')")
     from vlm.preprocess.qwen_image import qwen2vl_resized_size
-    return qwen2vl_resized_size(h, w, patch_size=ctx._enc("image").config.patch_size, mode=ctx.image_mode)
+    lo, hi = bmp.pixel_limits
+    return qwen2vl_resized_size(h, w, patch_size=ctx._enc("image").config.patch_size, mode=ctx.image_mode,
+                                min_pixels=lo, max_pixels=hi)
 
 
 def video_layout(ctx, bmp) -> list:
@@ -82,8 +93,9 @@ def preprocess_video(ctx, bmp):
     cfg = enc.config
     frames = [pimg.decode_image(f.data, mode=ctx.image_mode, max_pixels=ctx.max_pixels) if f.data is not None
               else f.array for f in bmp.frames]
+    lo, hi = bmp.pixel_limits
     return preprocess_qwen2vl_video(frames, patch_size=cfg.patch_size, mean=cfg.image_mean, std=cfg.image_std,
-                                    mode=ctx.image_mode, policy=bmp.frame_policy)
+                                    mode=ctx.image_mode, policy=bmp.frame_policy, min_pixels=lo, max_pixels=hi)
 
 
 __all__ = ["video_bitmap", "video_layout", "video_size", "preprocess_video"]
