@@ -48,6 +48,25 @@ def append_csv(path, fields: list[str], rows: list[dict], **common) -> None:
             w.writerow({**common, **{k: fmt(v) for k, v in r.items()}})
 
 
+def gpu_warmup(seconds: float = 1.5) -> None:
+    """Bring an idle GPU to its working clocks before anything is timed (no-op without CUDA). An H200 here read
+    345 MHz SM clock idle and 1980 MHz after a few matrix products (.library KINDS notes), so the first timed case
+    of a run was measured slow: bf16 8192^3 products for `seconds`."""
+    import time
+
+    import torch
+    if not torch.cuda.is_available():
+        return
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    t = time.perf_counter()
+    while time.perf_counter() - t < seconds:
+        for _ in range(8):
+            a @ a
+        torch.cuda.synchronize()
+    del a
+    torch.cuda.empty_cache()
+
+
 def timeit(fn, bufs) -> float:
     """Median ms of fn(buffer), cycling over the input buffers (so L2 does not flatter the result): CUDA events
     through triton.testing.do_bench on a GPU, the middle of 3 wall-clock runs on the CPU."""

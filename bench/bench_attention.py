@@ -38,7 +38,7 @@ import triton  # noqa: E402
 
 from kernels.attention import attention_triton  # noqa: E402
 from kernels.decode_attention import decode_attention_triton  # noqa: E402
-from _common import append_csv, git_sha  # noqa: E402
+from _common import append_csv, git_sha, gpu_warmup  # noqa: E402
 
 # (name substring, HBM bytes/s, dense bf16 FLOP/s); first match wins.
 DEVICES = [("H200", 4.8e12, 989e12), ("H100 NVL", 3.9e12, 835e12), ("H100 PCIe", 2.0e12, 756e12),
@@ -187,6 +187,7 @@ def main():
     dtype = torch.bfloat16 if HAS_CUDA else torch.float32
     name, hbm, peak = device_info()
     sha, date = git_sha(), datetime.datetime.now().isoformat(timespec="seconds")
+    gpu_warmup()
     t0 = time.time()
     torch.manual_seed(0)
     rows = bench_prefill(args.quick, dev, dtype, peak) + bench_decode(args.quick, dev, dtype, hbm)

@@ -45,7 +45,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from vlm.preprocess.audio import CHUNK_SAMPLES, SAMPLE_RATE, log_mel_spectrogram  # noqa: E402
-from _common import append_csv, git_sha  # noqa: E402
+from _common import append_csv, git_sha, gpu_warmup  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 N_BUFFERS = 3
@@ -273,6 +273,7 @@ def main():
         pass
     name = f"{torch.cuda.get_device_name()} + {cpu}" if HAS_CUDA else f"{cpu} ({os.cpu_count()} cores)"
     sha, date = git_sha(), datetime.datetime.now().isoformat(timespec="seconds")
+    gpu_warmup()
     t0 = time.time()
     rows = run(args.quick, threads) if args.part in ("all", "logmel") else []
     enc_rows = run_encoder(args.quick, threads) if args.part in ("all", "encoder") else []

@@ -33,7 +33,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from kernels.norm import layer_norm_triton, rms_norm_triton  # noqa: E402
 from kernels.rope import rope_triton  # noqa: E402
-from _common import append_csv, git_sha, timeit  # noqa: E402
+from _common import append_csv, git_sha, gpu_warmup, timeit  # noqa: E402
 
 DEVICES = [("H200", 4.8e12), ("H100", 3.35e12)]   # HBM bytes/s by device-name substring
 
@@ -135,6 +135,7 @@ def main():
     dev = "cuda" if HAS_CUDA else "cpu"
     name, bw = device_bw()
     sha, date = git_sha(), datetime.datetime.now().isoformat(timespec="seconds")
+    gpu_warmup()
     t0 = time.time()
     rows = bench_all(args.quick, dev)
     for r in rows:

@@ -37,7 +37,7 @@ sys.path.insert(0, ROOT)
 import torch.nn.functional as F  # noqa: E402
 
 from kernels.patch_embed import patch_embed_triton  # noqa: E402
-from _common import append_csv, git_sha, timeit  # noqa: E402
+from _common import append_csv, git_sha, gpu_warmup, timeit  # noqa: E402
 
 # (name, peak bf16 dense FLOP/s, HBM bytes/s), matched by substring of the device name
 DEVICES = [("H200", 989e12, 4.8e12), ("H100", 989e12, 3.35e12)]
@@ -187,6 +187,7 @@ def main():
         torch.backends.cuda.matmul.allow_tf32 = True
     name, peak_flops, peak_bw = device_peaks()
     sha, date = git_sha(), datetime.datetime.now().isoformat(timespec="seconds")
+    gpu_warmup()
     t0 = time.time()
     rows, conv3d_state = [], {}
     for c in cases(args.quick):

@@ -34,7 +34,7 @@ from kernels import qmatmul_configs as qcfg  # noqa: E402
 from kernels._qblocks import GEOMETRY  # noqa: E402
 from kernels.qmatmul import dequant_cache, dequantize_triton, qmatmul_torch, qmatmul_triton  # noqa: E402
 from kernels.quant import GGMLType, QTensor  # noqa: E402
-from _common import append_csv, git_sha  # noqa: E402
+from _common import append_csv, git_sha, gpu_warmup  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (896, 4864), (640, 2048)]   # (N, K)
 MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096]
@@ -120,6 +120,7 @@ def bench_gpu(args) -> list[dict]:
     dev = torch.device("cuda")
     name = torch.cuda.get_device_name()
     hbm = device_peak(name, HBM_BYTES_S)
+    gpu_warmup()
     meta = dict(device=name, git_sha=git_sha(), date=datetime.datetime.now().isoformat(timespec="seconds"),
                 op="qmatmul")
     shapes = SHAPES[:2] if args.quick else SHAPES
