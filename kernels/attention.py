@@ -142,7 +142,7 @@ def _attn_fwd_kernel(Q, K, V, O, CU_Q, CU_K,
                      bucket_q, bucket_k,  # autotune key only (seq-length buckets)
                      HEAD_DIM: tl.constexpr, HEAD_DIM_P2: tl.constexpr, CAUSAL: tl.constexpr,
                      HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, VARLEN: tl.constexpr, DOT_PREC: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                     ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # grid = (cdiv(max_seqlen_q, BLOCK_M), n_head, n_seq). Query blocks are visited last-first so that the
     # heaviest causal blocks start first (better tail balance); blocks past this sequence's end exit at once.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -164,15 +164,34 @@ def _attn_fwd_kernel(Q, K, V, O, CU_Q, CU_K,
 
     # Base pointers of this (sequence, head); the token offset is widened to int64 (n_tokens * stride can
     # pass 2^31), offsets inside one sequence stay int32.
-    q_base = Q + head * stride_qh
-    o_base = O + head * stride_oh
-    k_base = K + kv_head * stride_kh
-    v_base = V + kv_head * stride_vh
+    off_q, off_o, off_k, off_v = head * stride_qh, head * stride_oh, kv_head * stride_kh, kv_head * stride_vh
+    if ALIGN > 1:
+        # The launcher (alignment_hint) checked: base pointers 16-byte aligned, token / head strides multiples of
+        # ALIGN elements (16 bytes). Triton proves alignment only from strides divisible by 16 elements, so a
+        # head stride of 72 (SigLIP's head_dim) made every q / k / v load a 2-byte scalar load and dropped the
+        # cp.async pipeline (sm_90 AOT compile: 320 ld.global.b16, a 3x longer loop than head_dim 80; with the
+        # hint both compile alike). The hint must sit here, on the products, inline: on the stride arguments,
+        # or returned from a helper function, it is lost.
+        off_q = tl.multiple_of(off_q, ALIGN)
+        off_o = tl.multiple_of(off_o, ALIGN)
+        off_k = tl.multiple_of(off_k, ALIGN)
+        off_v = tl.multiple_of(off_v, ALIGN)
+    q_base = Q + off_q
+    o_base = O + off_o
+    k_base = K + off_k
+    v_base = V + off_v
     if VARLEN:
-        q_base += q_start.to(tl.int64) * stride_qt
-        o_base += q_start.to(tl.int64) * stride_ot
-        k_base += k_start.to(tl.int64) * stride_kt
-        v_base += k_start.to(tl.int64) * stride_vt
+        st_q, st_o = q_start.to(tl.int64) * stride_qt, q_start.to(tl.int64) * stride_ot
+        st_k, st_v = k_start.to(tl.int64) * stride_kt, k_start.to(tl.int64) * stride_vt
+        if ALIGN > 1:
+            st_q = tl.multiple_of(st_q, ALIGN)
+            st_o = tl.multiple_of(st_o, ALIGN)
+            st_k = tl.multiple_of(st_k, ALIGN)
+            st_v = tl.multiple_of(st_v, ALIGN)
+        q_base += st_q
+        o_base += st_o
+        k_base += st_k
+        v_base += st_v
 
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -378,6 +397,16 @@ def _validate(q, k, v, causal, scale, sliding_window, logit_softcap, cu_seqlens_
     return (cq[1:] - cq[:-1]).tolist(), (ck[1:] - ck[:-1]).tolist()
 
 
+def alignment_hint(*ts: torch.Tensor) -> int:
+    """Elements per 16 bytes when every tensor's base pointer is 16-byte aligned and its token / head strides are
+    multiples of that (the kernel's ALIGN), else 1. The head-dim stride must be 1 for vector loads anyway."""
+    align = 16 // ts[0].element_size()
+    for t in ts:
+        if t.data_ptr() % 16 or t.stride(-1) != 1 or any(st % align for st in t.stride()[:-1]):
+            return 1
+    return align
+
+
 def attention_triton(q, k, v, *, causal, scale=None, sliding_window=None, logit_softcap=None,
                      cu_seqlens_q=None, cu_seqlens_k=None, config: tuple[int, int, int, int] | None = None):
     """Triton attention; see the module docstring. ``config`` = (BLOCK_M, BLOCK_N, num_warps, num_stages)
@@ -405,7 +434,7 @@ def attention_triton(q, k, v, *, causal, scale=None, sliding_window=None, logit_
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), _seq_bucket(max_lq), _seq_bucket(max_lk))
     meta = dict(HEAD_DIM=head_dim, HEAD_DIM_P2=hd_p2, CAUSAL=causal,
                 HAS_WINDOW=sliding_window is not None, SOFTCAP=logit_softcap is not None, VARLEN=varlen,
-                DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32")
+                DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", ALIGN=alignment_hint(q, k, v, out))
     if config is None and interpreter_on():
         config = INTERPRETER_CONFIG
     elif config is None and q.dtype == torch.float32:

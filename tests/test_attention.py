@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import kernels
-from kernels.attention import (attention_ref, attention_triton, masked_attention_fp32,
+from kernels.attention import (alignment_hint, attention_ref, attention_triton, masked_attention_fp32,
                                visible_mask)
 
 # Max abs error / max |ref| (architecture.md tolerance table).
@@ -124,6 +124,23 @@ def test_strided_views(device):
     assert not q.is_contiguous()
     out, _ = check(q, k, v, causal=True)
     assert out.is_contiguous()
+
+
+def test_alignment_hint_and_misaligned_views(device):
+    """The kernel is told strides are multiples of 16 bytes (ALIGN) only when they are: SigLIP's head_dim 72 from
+    a fused QKV buffer gets the hint; a view starting one element in, or head_dim 36 in fp16, does not. Both
+    paths give the reference result."""
+    g = torch.Generator().manual_seed(11)
+    qkv = torch.randn(40, 3 * 4, 72, generator=g).to(device)
+    q, k, v = qkv[:, :4], qkv[:, 4:8], qkv[:, 8:]
+    assert alignment_hint(q, k, v) == 4                                   # fp32: 4 elements per 16 bytes
+    assert alignment_hint(q.half(), k.half(), v.half()) == 8
+    assert alignment_hint(torch.zeros(8, 2, 36, dtype=torch.float16)) == 1
+    flat = torch.randn(40 * 4 * 72 + 1, generator=g).to(device)
+    q_off = flat[1:].view(40, 4, 72)                                      # base pointer 4 bytes past alignment
+    assert alignment_hint(q_off, k, v) == 1
+    check(q, k, v, causal=False)
+    check(q_off, k, v, causal=True)
 
 
 def test_scale_and_softcap_change_the_result(device):
