@@ -24,6 +24,19 @@ def git_sha() -> str:
         return "unknown"
 
 
+def device_label() -> str:
+    """"<GPU> + <CPU model>" on a GPU machine, "<CPU model> (<n> cores)" otherwise (the CPU matters for the
+    preprocessing and CPU rows of a run)."""
+    import torch
+    cpu = "cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return f"{torch.cuda.get_device_name()} + {cpu}" if torch.cuda.is_available() else f"{cpu} ({os.cpu_count()} cores)"
+
+
 def append_csv(path, fields: list[str], rows: list[dict], **common) -> None:
     """Append `rows` to the CSV at `path` with the columns `fields` (header written when the file is new).
     `common` columns (device, git_sha, date) go on every row; floats are written with 6 significant digits,

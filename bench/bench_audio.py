@@ -45,7 +45,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from vlm.preprocess.audio import CHUNK_SAMPLES, SAMPLE_RATE, log_mel_spectrogram  # noqa: E402
-from _common import append_csv, git_sha, gpu_warmup  # noqa: E402
+from _common import append_csv, device_label, git_sha, gpu_warmup  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 N_BUFFERS = 3
@@ -265,13 +265,7 @@ def main():
     args = ap.parse_args()
     threads = [int(t) for t in args.threads.split(",") if t.strip()]
     os.makedirs(args.out, exist_ok=True)
-    cpu = "cpu"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    name = f"{torch.cuda.get_device_name()} + {cpu}" if HAS_CUDA else f"{cpu} ({os.cpu_count()} cores)"
+    name = device_label()
     sha, date = git_sha(), datetime.datetime.now().isoformat(timespec="seconds")
     gpu_warmup()
     t0 = time.time()

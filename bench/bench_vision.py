@@ -47,7 +47,7 @@ from vlm.encoders import load_mmproj  # noqa: E402
 from vlm.gguf import write_gguf  # noqa: E402
 from vlm.preprocess import image as P  # noqa: E402
 from vlm.preprocess.qwen_image import preprocess_qwen2vl  # noqa: E402
-from _common import append_csv, git_sha, gpu_warmup  # noqa: E402
+from _common import append_csv, device_label, git_sha, gpu_warmup  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 PEAK_BF16_TFLOPS = 989.0
@@ -472,13 +472,7 @@ def main():
         if m not in MODELS:
             ap.error(f"unknown model {m!r}; choose from {', '.join(MODELS)}")
     os.makedirs(args.out, exist_ok=True)
-    cpu = "cpu"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    name = f"{torch.cuda.get_device_name()} + {cpu}" if HAS_CUDA else f"{cpu} ({os.cpu_count()} cores)"
+    name = device_label()
     sha, date = git_sha(), datetime.datetime.now().isoformat(timespec="seconds")
     gpu_warmup()
     t0 = time.time()

@@ -184,7 +184,7 @@ def choose_splits(n_seq: int, n_head_kv: int, max_ctx: int, device: torch.device
     n_sm = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
         if device.type == "cuda" else 4
     want = triton.cdiv(4 * n_sm, max(n_seq * n_head_kv, 1))
-    cap = max(1, (1 << (max(int(max_ctx), 1).bit_length() - 1)) // MIN_SPLIT_TOKENS)
+    cap = ctx_bucket(max_ctx) // MIN_SPLIT_TOKENS
     return max(1, min(want, cap, MAX_SPLITS))
 
 
