@@ -24,6 +24,19 @@ def git_sha() -> str:
         return "unknown"
 
 
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, or None (after saying so) when matplotlib cannot be imported: a
+    benchmark still writes its CSV on a machine without it."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception as e:  # pragma: no cover - matplotlib is a test dependency
+        print(f"no plot ({e})")
+        return None
+    return plt
+
+
 def device_label() -> str:
     """"<GPU> + <CPU model>" on a GPU machine, "<CPU model> (<n> cores)" otherwise (the CPU matters for the
     preprocessing and CPU rows of a run)."""

@@ -38,7 +38,7 @@ import triton  # noqa: E402
 
 from kernels.attention import attention_triton  # noqa: E402
 from kernels.decode_attention import decode_attention_triton  # noqa: E402
-from _common import append_csv, git_sha, gpu_warmup  # noqa: E402
+from _common import append_csv, git_sha, gpu_warmup, pyplot  # noqa: E402
 
 # (name substring, HBM bytes/s, dense bf16 FLOP/s); first match wins.
 DEVICES = [("H200", 4.8e12, 989e12), ("H100 NVL", 3.9e12, 835e12), ("H100 PCIe", 2.0e12, 756e12),
@@ -212,12 +212,8 @@ def main():
 
 
 def plot(rows, path, device):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # pragma: no cover
-        print("matplotlib missing: no plot")
+    plt = pyplot()
+    if plt is None:
         return
     fig, axes = plt.subplots(1, 2, figsize=(16, 6))
     for ax, kind, metric, label in ((axes[0], "prefill", "tflops", "TFLOP/s"), (axes[1], "decode", "gbps", "GB/s")):

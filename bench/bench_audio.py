@@ -45,7 +45,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from vlm.preprocess.audio import CHUNK_SAMPLES, SAMPLE_RATE, log_mel_spectrogram  # noqa: E402
-from _common import append_csv, device_label, git_sha, gpu_warmup  # noqa: E402
+from _common import append_csv, device_label, git_sha, gpu_warmup, pyplot  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 N_BUFFERS = 3
@@ -227,12 +227,8 @@ def _bench_encoder(shape, device, ours, hf, n_mels, n_chunks, quick, threads) ->
 
 
 def plot(rows, path, title, provs=("ours", "ours_llama", "hf")):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except Exception as e:  # pragma: no cover
-        print(f"no plot ({e})")
+    plt = pyplot()
+    if plt is None:
         return
     by = {}
     for r in rows:

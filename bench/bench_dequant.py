@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 from gguf import quants as gq  # noqa: E402
 
 from kernels.quant import SUPPORTED_TYPES, GGMLType, block_info, dequantize, row_bytes  # noqa: E402
-from _common import append_csv, git_sha  # noqa: E402
+from _common import append_csv, git_sha, pyplot  # noqa: E402
 
 ROOFLINE_GBPS = {"H100": 3350.0, "H200": 4800.0}  # HBM bandwidth (SXM parts)
 # Byte offsets of the fp16 scale fields inside one block (ggml-common.h), set to sane values below.
@@ -151,12 +151,8 @@ def write_outputs(results, out_dir: Path, name: str, dev: str, rows: int, cols: 
         pct = by[q, "torch_out"]["pct_roofline"]
         print(f"{q:8s}" + "".join(f"{c:>20s}" for c in cells)
               + f"{by[q, 'torch']['ratio_vs_gguf']:8.1f}" + (f"{pct:8.1f}" if pct is not None else f"{'-':>8s}"))
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib missing: no plot")
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(12, 4.5))
     xs = np.arange(len(qtypes))

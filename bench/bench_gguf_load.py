@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from vlm.gguf import GGUFFile  # noqa: E402
-from _common import append_csv, git_sha as _git_sha  # noqa: E402
+from _common import append_csv, git_sha as _git_sha, pyplot  # noqa: E402
 
 DEFAULT_MODEL = ROOT / "models" / "gemma-3-270m-q4_k_m.gguf"
 MAX_DEQUANT_ELEMS = 1 << 21      # rows of the largest tensor per type, capped: numpy dequant of 168M weights is slow
@@ -130,12 +130,8 @@ def write_outputs(rows: list[dict], out: Path) -> None:
     fields = ["device", "git_sha", "date", "config", "impl", "seconds", "MB_per_s", "GB_per_s", "ratio_vs_peer"]
     csv_path = out / "gguf_load.csv"
     append_csv(csv_path, fields, rows, device=device, git_sha=sha, date=date)
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib missing: no plot")
+    plt = pyplot()
+    if plt is None:
         return
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
     opens = [r for r in rows if r["config"].startswith("open")]

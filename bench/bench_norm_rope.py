@@ -33,7 +33,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from kernels.norm import layer_norm_triton, rms_norm_triton  # noqa: E402
 from kernels.rope import rope_triton  # noqa: E402
-from _common import append_csv, git_sha, gpu_warmup, timeit  # noqa: E402
+from _common import append_csv, git_sha, gpu_warmup, pyplot, timeit  # noqa: E402
 
 DEVICES = [("H200", 4.8e12), ("H100", 3.35e12)]   # HBM bytes/s by device-name substring
 
@@ -158,12 +158,8 @@ def main():
 
 
 def plot(rows, path, device):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except Exception as e:  # pragma: no cover
-        print(f"no plot ({e})")
+    plt = pyplot()
+    if plt is None:
         return
     tri = [r for r in rows if r["provider"] == "triton"]
     labels = [f"{r['op']}\n{r['shape']}" for r in tri]

@@ -37,7 +37,7 @@ sys.path.insert(0, ROOT)
 import torch.nn.functional as F  # noqa: E402
 
 from kernels.patch_embed import patch_embed_triton  # noqa: E402
-from _common import append_csv, git_sha, gpu_warmup, timeit  # noqa: E402
+from _common import append_csv, git_sha, gpu_warmup, pyplot, timeit  # noqa: E402
 
 # (name, peak bf16 dense FLOP/s, HBM bytes/s), matched by substring of the device name
 DEVICES = [("H200", 989e12, 4.8e12), ("H100", 989e12, 3.35e12)]
@@ -227,12 +227,8 @@ def main():
 
 
 def plot(rows, path, device):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except Exception as e:  # pragma: no cover
-        print(f"no plot ({e})")
+    plt = pyplot()
+    if plt is None:
         return
     labels, series = [], {}
     provs = ["triton", "unfold_linear", "conv", "triton_gemm", "torch_matmul"]

@@ -47,7 +47,7 @@ from vlm.encoders import load_mmproj  # noqa: E402
 from vlm.gguf import write_gguf  # noqa: E402
 from vlm.preprocess import image as P  # noqa: E402
 from vlm.preprocess.qwen_image import preprocess_qwen2vl  # noqa: E402
-from _common import append_csv, device_label, git_sha, gpu_warmup  # noqa: E402
+from _common import append_csv, device_label, git_sha, gpu_warmup, pyplot  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 PEAK_BF16_TFLOPS = 989.0
@@ -426,12 +426,8 @@ def bench_model(name: str, quick: bool, threads: list[int], tmp: str) -> list[di
 
 # ------------------------------------------------------------------------------------ output
 def plot(rows, path, title):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except Exception as e:  # pragma: no cover
-        print(f"no plot ({e})")
+    plt = pyplot()
+    if plt is None:
         return
     enc = [r for r in rows if r["part"] == "encode"]
     labels = list(dict.fromkeys(f"{r['model']}\nx{r['n_images']}" for r in enc))
