@@ -18,12 +18,18 @@ run() { local name=$1 lim=$2; shift 2; echo "=== $name (limit ${lim}s)"; s=$(dat
         echo "=== $name rc=$rc $(( $(date +%s) - s ))s"; tail -n 25 "$OUT/results/$name.log"; }
 BENCHES=${2:-qmatmul attention patch_embed norm_rope dequant audio}
 TEST_S=${3:-240}
-# qmatmul's GPU tests first and on their own limit (each compile costs 1-2 s; they once ran out of time last),
-# then every other GPU-marked test
+# GPU tests: with pytest-xdist (on the GPU image) every GPU-marked test in one step on PYTEST_WORKERS processes
+# (compiles are CPU-bound: ~1-2 s each); without it qmatmul's tests first on their own limit, then the rest.
 if [ "$TEST_S" -gt 0 ]; then
-  run gpu_tests_qmatmul "$TEST_S" python3 -m pytest -q -m gpu tests/test_qmatmul_gpu.py -p no:cacheprovider -rfE
-  run gpu_tests "$TEST_S" python3 -m pytest -q -m gpu tests --ignore=tests/test_qmatmul_gpu.py -p no:cacheprovider \
-      -rfE --continue-on-collection-errors
+  if python3 -c "import xdist" 2>/dev/null; then
+    tmo=(); python3 -c "import pytest_timeout" 2>/dev/null && tmo=(--timeout 120)   # one hung test is not all
+    run gpu_tests "$TEST_S" python3 -m pytest -q -m gpu tests -n "${PYTEST_WORKERS:-8}" --dist loadgroup \
+        -p no:cacheprovider -rfE --continue-on-collection-errors "${tmo[@]}"
+  else
+    run gpu_tests_qmatmul "$TEST_S" python3 -m pytest -q -m gpu tests/test_qmatmul_gpu.py -p no:cacheprovider -rfE
+    run gpu_tests "$TEST_S" python3 -m pytest -q -m gpu tests --ignore=tests/test_qmatmul_gpu.py -p no:cacheprovider \
+        -rfE --continue-on-collection-errors
+  fi
 fi
 # Optional qmatmul tuning first (QMM_TUNE_S=seconds): winners JSON for this GPU, used by the qmatmul bench.
 if [ -n "${QMM_TUNE_S:-}" ]; then
