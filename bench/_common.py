@@ -114,3 +114,41 @@ def timeit(fn, bufs) -> float:
         call()
         times.append((time.perf_counter() - t) * 1e3)
     return sorted(times)[1]
+
+
+def graph_time_us(calls, reps: int = 15) -> float:
+    """Median microseconds per call of `calls` (zero-argument callables, each on its own copy of the inputs)
+    captured back to back in one CUDA graph and replayed `reps` times. The copies together should exceed L2, so
+    every call streams its operands from HBM as one layer after another does in a model, with no launch gaps
+    and no cache flush between calls (do_bench's flush leaves L2 full of dirty lines that the timed kernel then
+    writes back, which taxes small layers)."""
+    import torch
+    for c in calls:                       # compile, allocate, fill launcher caches outside the capture
+        c()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for c in calls:
+            c()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for c in calls:
+            c()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / len(calls))
+    del graph
+    return sorted(times)[len(times) // 2]
+
+
+def n_copies(nbytes: int, l2_bytes: int = 50 << 20, lo: int = 4, hi: int = 256) -> int:
+    """How many copies of an operand of `nbytes` make a rotation 3x the L2 size (clamped to [lo, hi])."""
+    return max(lo, min(hi, -(-3 * l2_bytes // max(nbytes, 1))))

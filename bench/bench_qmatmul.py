@@ -4,8 +4,9 @@
     python bench/bench_qmatmul.py --tune [--types Q4_0,Q4_K] [--tune-ms 1,4,16,256]  # write tuned winners JSON
     pytest bench/bench_qmatmul.py --benchmark-only                           # CPU timings, pytest-benchmark
 
-GPU: `triton.testing.do_bench` (median; it flushes L2 before every run, so layers smaller than L2 are not
-flattered). Shapes are N x K (out x in features). Per (type, shape, M): time, effective GB/s (packed weights +
+GPU: each case runs on enough copies of its weights to fill 3x the L2, captured back to back in one CUDA graph and
+replayed (bench/_common.py graph_time_us: every call streams its weights from HBM as consecutive layers do, no
+launch gaps, no L2 flush between calls); the median per call is reported. Shapes are N x K (out x in features). Per (type, shape, M): time, effective GB/s (packed weights +
 x + y), % of HBM bandwidth, TFLOP/s and the speedup over `torch.matmul` with bf16 weights measured in the same
 run. Rows go to <out>/qmatmul.csv, the plot (% of HBM vs M per type) to <out>/qmatmul.png. The sweep runs M-major
 (M=1 first) and stops cleanly when --budget-s is spent, so a time limit never loses what was measured.
@@ -34,7 +35,7 @@ from kernels import qmatmul_configs as qcfg  # noqa: E402
 from kernels._qblocks import GEOMETRY  # noqa: E402
 from kernels.qmatmul import dequant_cache, dequantize_triton, qmatmul_torch, qmatmul_triton  # noqa: E402
 from kernels.quant import GGMLType, QTensor  # noqa: E402
-from _common import append_csv, git_sha, gpu_warmup  # noqa: E402
+from _common import append_csv, git_sha, gpu_warmup, graph_time_us, n_copies  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (896, 4864), (640, 2048)]   # (N, K)
 MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096]
@@ -116,7 +117,6 @@ def plot(out: Path, rows: list[dict], device: str) -> None:
 # GPU sweep
 
 def bench_gpu(args) -> list[dict]:
-    from triton.testing import do_bench
     dev = torch.device("cuda")
     name = torch.cuda.get_device_name()
     hbm = device_peak(name, HBM_BYTES_S)
@@ -128,7 +128,6 @@ def bench_gpu(args) -> list[dict]:
     types = MAIN_TYPES if args.quick else MAIN_TYPES + OTHER_TYPES
     if args.types:
         types = args.types.split(",")
-    timer = lambda fn: do_bench(fn, warmup=5, rep=20, return_mode="median")  # noqa: E731  (ms)
     t0 = time.time()
     weights, dense, rows = {}, {}, []
     for M in ms_order:
@@ -138,9 +137,9 @@ def bench_gpu(args) -> list[dict]:
                 return rows
             x = torch.randn(M, K, device=dev).bfloat16()
             if (N, K) not in dense:
-                dense[(N, K)] = torch.randn(N, K, device=dev).bfloat16()
-            wb = dense[(N, K)]
-            t_peer = timer(lambda: torch.matmul(x, wb.t())) * 1e-3
+                dense[(N, K)] = [torch.randn(N, K, device=dev).bfloat16() for _ in range(n_copies(N * K * 2))]
+            wb = dense[(N, K)][0]
+            t_peer = graph_time_us([lambda wb=wb: torch.matmul(x, wb.t()) for wb in dense[(N, K)]]) * 1e-6
             flops = 2.0 * M * N * K
             peer_bytes = wb.numel() * 2 + x.numel() * 2 + M * N * 2
             rows.append(dict(meta, provider="torch_bf16", qtype="bf16", N=N, K=K, M=M, config="cuBLAS",
@@ -151,11 +150,13 @@ def bench_gpu(args) -> list[dict]:
                     continue
                 key = (t, N, K)
                 if key not in weights:
-                    weights[key] = random_qtensor(t, N, K, dev)
-                w = weights[key]
+                    w0 = random_qtensor(t, N, K, dev)
+                    weights[key] = [w0] + [random_qtensor(t, N, K, dev, seed=i)
+                                           for i in range(1, n_copies(w0.nbytes))]
+                w = weights[key][0]
                 cfg = qcfg.choose(M, N, K, w.qtype, GEOMETRY[w.qtype].qk, interpret=False, device_name=name,
                                   n_sm=torch.cuda.get_device_properties(dev).multi_processor_count)
-                tq = timer(lambda: qmatmul_triton(x, w)) * 1e-3
+                tq = graph_time_us([lambda w=w: qmatmul_triton(x, w) for w in weights[key]]) * 1e-6
                 # every timed case is also checked: fp32 reference from the fp32 dequantization (the spec)
                 ref = x.float() @ dequantize_triton(w, torch.float32).t()
                 rel = ((qmatmul_triton(x, w).float() - ref).abs().max() / ref.abs().max()).item()
@@ -207,7 +208,6 @@ def summarize_gpu(rows: list[dict]) -> None:
 # tuning: sweep the candidate lists, write the winners as data
 
 def tune(args) -> None:
-    from triton.testing import do_bench
     dev = torch.device("cuda")
     name = torch.cuda.get_device_name()
     n_sm = torch.cuda.get_device_properties(dev).multi_processor_count
@@ -239,6 +239,7 @@ def tune(args) -> None:
                     print(f"  {t} {bucket}: budget share spent, skipping {N}x{K}")
                     break
                 w = random_qtensor(t, N, K, dev)
+                ws = [w] + [random_qtensor(t, N, K, dev, seed=i) for i in range(1, n_copies(w.nbytes))]
                 xs = {M: torch.randn(M, K, device=dev).bfloat16() for M in bms}
                 tried = {}
                 for base in cands + ([{"regime": "dequant"}] if top >= 64 else []):
@@ -251,8 +252,8 @@ def tune(args) -> None:
                         if sig in tried:        # e.g. "auto" resolving to a split already timed
                             continue
                         try:
-                            ts = [do_bench(lambda: qmatmul_triton(xs[M], w, config=cfg), warmup=3, rep=10,
-                                           return_mode="median") * 1e-3 for M in bms]
+                            ts = [graph_time_us([lambda w=w, M=M: qmatmul_triton(xs[M], w, config=cfg) for w in ws],
+                                                reps=7) * 1e-6 for M in bms]
                         except Exception as e:  # a config that does not compile / fit is simply not a winner
                             print(f"  {t} {bucket} {sig[0]}: failed ({type(e).__name__})")
                             continue

@@ -23,7 +23,7 @@ TEST_S=${3:-240}
 if [ "$TEST_S" -gt 0 ]; then
   if python3 -c "import xdist" 2>/dev/null; then
     tmo=(); python3 -c "import pytest_timeout" 2>/dev/null && tmo=(--timeout 120)   # one hung test is not all
-    run gpu_tests "$TEST_S" python3 -m pytest -q -m gpu tests -n "${PYTEST_WORKERS:-8}" --dist loadgroup \
+    run gpu_tests "$TEST_S" python3 -m pytest -v --durations=25 -m gpu tests -n "${PYTEST_WORKERS:-8}" --dist loadgroup \
         -p no:cacheprovider -rfE --continue-on-collection-errors "${tmo[@]}"
   else
     run gpu_tests_qmatmul "$TEST_S" python3 -m pytest -q -m gpu tests/test_qmatmul_gpu.py -p no:cacheprovider -rfE
@@ -35,8 +35,9 @@ fi
 if [ -n "${QMM_TUNE_S:-}" ]; then
   gpu=$(python3 -c "import torch,re; print(re.sub(r'[^a-z0-9]+','_',torch.cuda.get_device_name().lower()).strip('_'))")
   export VLM_QMATMUL_CONFIGS="$OUT/results/qmatmul_$gpu.json"
+  [ -f "kernels/configs/qmatmul_$gpu.json" ] && cp "kernels/configs/qmatmul_$gpu.json" "$VLM_QMATMUL_CONFIGS"
   run qmatmul_tune $(( QMM_TUNE_S + 15 )) python3 bench/bench_qmatmul.py --tune --quick --types "${QMM_TUNE_TYPES:-Q4_0,Q4_K}" \
-      --tune-ms 1,4,16 --budget-s "$QMM_TUNE_S" --tune-out "$VLM_QMATMUL_CONFIGS"
+      --tune-ms "${QMM_TUNE_MS:-1,4,16}" --budget-s "$QMM_TUNE_S" --tune-out "$VLM_QMATMUL_CONFIGS"
   [ -f "$VLM_QMATMUL_CONFIGS" ] || unset VLM_QMATMUL_CONFIGS
 fi
 for b in $BENCHES; do
