@@ -154,8 +154,20 @@ def bench_gpu(args) -> list[dict]:
                     weights[key] = [w0] + [random_qtensor(t, N, K, dev, seed=i)
                                            for i in range(1, n_copies(w0.nbytes))]
                 w = weights[key][0]
+                n_sm = torch.cuda.get_device_properties(dev).multi_processor_count
                 cfg = qcfg.choose(M, N, K, w.qtype, GEOMETRY[w.qtype].qk, interpret=False, device_name=name,
-                                  n_sm=torch.cuda.get_device_properties(dev).multi_processor_count)
+                                  n_sm=n_sm, int8_x=qcfg.dp4a_enabled())
+                if cfg["regime"] == "dp4a":     # also the exact-x float GEMV that fp16 / fp32 callers get
+                    fcfg = qcfg.choose(M, N, K, w.qtype, GEOMETRY[w.qtype].qk, interpret=False,
+                                       device_name=name, n_sm=n_sm)
+                    tf = graph_time_us([lambda w=w: qmatmul_triton(x, w, config=fcfg)
+                                        for w in weights[key]]) * 1e-6
+                    nbytes = w.nbytes + x.numel() * 2 + M * N * 2
+                    rows.append(dict(meta, provider="triton_exact_x", qtype=t, N=N, K=K, M=M, config=cfg_str(fcfg),
+                                     time_us=tf * 1e6, gb_s=nbytes / tf / 1e9,
+                                     pct_hbm=100 * nbytes / tf / hbm if hbm else "", tflops=flops / tf / 1e12,
+                                     peer_time_us=t_peer * 1e6, speedup_vs_peer=t_peer / tf,
+                                     packed_mb=w.nbytes / 1e6, rel_err=""))
                 tq = graph_time_us([lambda w=w: qmatmul_triton(x, w) for w in weights[key]]) * 1e-6
                 # every timed case is also checked: fp32 reference from the fp32 dequantization (the spec)
                 ref = x.float() @ dequantize_triton(w, torch.float32).t()
@@ -193,6 +205,11 @@ def summarize_gpu(rows: list[dict]) -> None:
         sp = [r["speedup_vs_peer"] for r in tri if r["qtype"] == t and r["M"] == 1]
         if sp:
             print(f"  {t} M=1 speedup vs bf16 torch.matmul >= 3.2x: min {min(sp):.2f}x  max {max(sp):.2f}x")
+    fx = {(r["qtype"], r["N"], r["K"], r["M"]): r for r in rows if r["provider"] == "triton_exact_x"}
+    for k, r in fx.items():
+        if k in get and k[3] == 1:
+            print(f"  {k[0]} {k[1]}x{k[2]} M=1: dp4a {get[k]['time_us']:.1f} us ({get[k]['pct_hbm']:.0f}% HBM) vs "
+                  f"float GEMV {r['time_us']:.1f} us ({r['pct_hbm']:.0f}%): x{r['time_us'] / get[k]['time_us']:.2f}")
     ratios = [get[k]["time_us"] / get[k[:3] + (1,)]["time_us"] for k in get if k[3] == 16 and k[:3] + (1,) in get]
     if ratios:
         print(f"  t(M=16) <= 1.2 t(M=1): median {statistics.median(ratios):.2f}, max {max(ratios):.2f}")
@@ -221,12 +238,21 @@ def tune(args) -> None:
     by_bucket: dict[str, list[int]] = {}     # all M of a bucket share one config: time each candidate at each
     for M in ms:
         by_bucket.setdefault(qcfg.m_bucket(M), []).append(M)
+    dp4a_ms = by_bucket.get("gemv", [])
     for ti, t in enumerate(types):
         qk = GEOMETRY[GGMLType[t]].qk
         t_end = t0 + args.budget_s * (ti + 1) / len(types)      # an equal share of the budget per type
-        for bucket, bms in by_bucket.items():
+        buckets = dict(by_bucket)
+        if GGMLType[t] in qcfg.DP4A_TYPES and dp4a_ms:
+            buckets["dp4a"] = dp4a_ms          # bf16 decode: the int8-x GEMV, tuned on its own
+        if args.tune_buckets:
+            buckets = {b: v for b, v in buckets.items() if b in args.tune_buckets.split(",")}
+        for bucket, bms in buckets.items():
             top = max(bms)
-            if bucket == "gemv":   # decode: the GEMV, and the tensor-core kernel padded to 16 rows
+            if bucket == "dp4a":
+                cands = [dict(regime="dp4a", **c) for c in qcfg.DP4A_CONFIGS]
+                splits = ["auto", 1, 4]
+            elif bucket == "gemv":   # decode: the GEMV, and the tensor-core kernel padded to 16 rows
                 cands = [dict(regime="gemv", **c) for c in qcfg.GEMV_CONFIGS[qk]]
                 cands += [dict(regime="gemm", **c) for c in qcfg.GEMM_CONFIGS if c["BLOCK_M"] == 16]
                 splits = ["auto", 1, 4]
@@ -350,6 +376,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="CPU: torch intra-op threads (default: torch's)")
     ap.add_argument("--tune", action="store_true", help="sweep the config lists and write the winners JSON")
     ap.add_argument("--tune-ms", default="1,4,16,64,256,1024")
+    ap.add_argument("--tune-buckets", default="", help="only these buckets (e.g. dp4a,gemv,m16; default all)")
     ap.add_argument("--tune-out", default="", help="JSON path (default kernels/configs/qmatmul_<gpu>.json)")
     args = ap.parse_args(argv)
     out = Path(args.out)

@@ -1,6 +1,7 @@
 """Offline (no GPU) sm_90 compile of the qmatmul GEMV for every type x GEMV candidate x M chunk size.
 
     python bench/qmatmul_aot.py [--types Q4_0,Q4_K] [--mpad 1,4] [--xdtype bf16]
+    python bench/qmatmul_aot.py --dp4a [--mpad 1,4]          # the int8-x GEMV (kernels/qmatmul_dp4a.py)
 
 Prints per compile: registers and spill bytes (ptxas -v from Triton's bundled CUDA tools), shared memory, and
 the number of `ttg.convert_layout` ops inside the K loop (each a shared-memory round trip + barrier), plus the
@@ -32,6 +33,7 @@ from triton.compiler import ASTSource, make_backend  # noqa: E402
 
 from kernels import qmatmul_configs as qcfg  # noqa: E402
 from kernels._qblocks import GEOMETRY  # noqa: E402
+from kernels.qmatmul_dp4a import _qgemv_dp4a_kernel  # noqa: E402
 from kernels.qmatmul_kernels import _qgemv_kernel  # noqa: E402
 from kernels.quant import GGMLType  # noqa: E402
 
@@ -53,6 +55,18 @@ def compile_gemv(qtype: GGMLType, cfg: dict, m_pad: int, xdt: str):
     # what the launcher's runtime specialisation sees: 16-byte aligned pointers, K and row_bytes % 16 == 0
     div16 = ["x_ptr", "w_ptr", "y_ptr", "ws_ptr", "bias_ptr", "lut_ptr", "K", "row_bytes"]
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in div16}
+    opts = make_backend(TARGET).parse_options({"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]})
+    return triton.compile(ASTSource(fn, sig, cx, attrs), target=TARGET, options=opts.__dict__)
+
+
+def compile_dp4a(qtype: GGMLType, cfg: dict, m_pad: int):
+    cx = dict(IS_Q4=qtype == GGMLType.Q4_0, M_PAD=m_pad, BLOCK_N=cfg["BLOCK_N"], NB=cfg["BLOCK_K"] // 32,
+              HAS_BIAS=False, ASM=True)
+    types = dict(xw_ptr="*i32", xd_ptr="*fp32", xs_ptr="*i32", w_ptr="*i16", y_ptr="*bf16", ws_ptr="*fp32",
+                 bias_ptr="*bf16")
+    fn = _qgemv_dp4a_kernel
+    sig = {n: ("constexpr" if n in cx else types.get(n, "i32")) for n in fn.arg_names}
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in types}
     opts = make_backend(TARGET).parse_options({"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]})
     return triton.compile(ASTSource(fn, sig, cx, attrs), target=TARGET, options=opts.__dict__)
 
@@ -106,7 +120,10 @@ def main() -> int:
     ap.add_argument("--types", default=",".join(t.name for t in GEOMETRY))
     ap.add_argument("--mpad", default="1,4")
     ap.add_argument("--xdtype", default="bf16")
+    ap.add_argument("--dp4a", action="store_true", help="the dp4a GEMV over qcfg.DP4A_CONFIGS (Q4_0, Q8_0)")
     args = ap.parse_args()
+    if args.dp4a:
+        return main_dp4a([int(m) for m in args.mpad.split(",")])
     print(f"triton {triton.__version__}, sm_90, x {args.xdtype}")
     bad = 0
     for tname in args.types.split(","):
@@ -128,6 +145,27 @@ def main() -> int:
                       f"cvt_in_loop={f['cvt_in_loop']} i2f={f['i2f']} sass/w={f['sass_w']:.2f} ({f['top']}) "
                       f"{f['loads']}", flush=True)
     print("ALL OK" if not bad else f"{bad} compile(s) failed, spilled or convert in the loop")
+    return 1 if bad else 0
+
+
+def main_dp4a(mpads: list[int]) -> int:
+    print(f"triton {triton.__version__}, sm_90, dp4a GEMV, x int8")
+    bad = 0
+    for qtype in qcfg.DP4A_TYPES:
+        for cfg in qcfg.DP4A_CONFIGS:
+            for m_pad in mpads:
+                tag = f"{qtype.name:<5}BN={cfg['BLOCK_N']:<2} BK={cfg['BLOCK_K']:<5} w={cfg['num_warps']} M_PAD={m_pad}"
+                wpt = cfg["BLOCK_N"] * cfg["BLOCK_K"] / (32 * cfg["num_warps"])
+                try:
+                    f = facts(compile_dp4a(qtype, cfg, m_pad), wpt)
+                except Exception as e:
+                    print(f"{tag}  FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+                    bad += 1
+                    continue
+                bad += bool(f["spill"])
+                print(f"{tag}  regs={f['regs']:<3} spill={f['spill']:<4} smem={f['smem']:<5} "
+                      f"sass/w={f['sass_w']:.2f} ({f['top']}) {f['loads']}", flush=True)
+    print("ALL OK" if not bad else f"{bad} compile(s) failed or spilled")
     return 1 if bad else 0
 
 

@@ -23,8 +23,12 @@ TEST_S=${3:-240}
 if [ "$TEST_S" -gt 0 ]; then
   if python3 -c "import xdist" 2>/dev/null; then
     tmo=(); python3 -c "import pytest_timeout" 2>/dev/null && tmo=(--timeout 120)   # one hung test is not all
-    run gpu_tests "$TEST_S" python3 -m pytest -v --durations=25 -m gpu tests -n "${PYTEST_WORKERS:-8}" --dist loadgroup \
+    # torch threads per worker: 14 workers x all cores starved the CPU-side quantizers (tests timed out)
+    W=${PYTEST_WORKERS:-8}; export OMP_NUM_THREADS=$(( $(nproc) / W > 0 ? $(nproc) / W : 1 ))
+    # GPU_TESTS: test paths (word-split; default every test), GPU_TESTS_K: a -k expression
+    run gpu_tests "$TEST_S" python3 -m pytest -v --durations=25 -m gpu ${GPU_TESTS:-tests} ${GPU_TESTS_K:+-k "$GPU_TESTS_K"} -n "$W" --dist loadgroup \
         -p no:cacheprovider -rfE --continue-on-collection-errors "${tmo[@]}"
+    unset OMP_NUM_THREADS
   else
     run gpu_tests_qmatmul "$TEST_S" python3 -m pytest -q -m gpu tests/test_qmatmul_gpu.py -p no:cacheprovider -rfE
     run gpu_tests "$TEST_S" python3 -m pytest -q -m gpu tests --ignore=tests/test_qmatmul_gpu.py -p no:cacheprovider \
@@ -37,7 +41,7 @@ if [ -n "${QMM_TUNE_S:-}" ]; then
   export VLM_QMATMUL_CONFIGS="$OUT/results/qmatmul_$gpu.json"
   [ -f "kernels/configs/qmatmul_$gpu.json" ] && cp "kernels/configs/qmatmul_$gpu.json" "$VLM_QMATMUL_CONFIGS"
   run qmatmul_tune $(( QMM_TUNE_S + 15 )) python3 bench/bench_qmatmul.py --tune --quick --types "${QMM_TUNE_TYPES:-Q4_0,Q4_K}" \
-      --tune-ms "${QMM_TUNE_MS:-1,4,16}" --budget-s "$QMM_TUNE_S" --tune-out "$VLM_QMATMUL_CONFIGS"
+      --tune-ms "${QMM_TUNE_MS:-1,4,16}" --tune-buckets "${QMM_TUNE_BUCKETS:-}" --budget-s "$QMM_TUNE_S" --tune-out "$VLM_QMATMUL_CONFIGS"
   [ -f "$VLM_QMATMUL_CONFIGS" ] || unset VLM_QMATMUL_CONFIGS
 fi
 for b in $BENCHES; do

@@ -5,11 +5,14 @@
 
 Three implementations with the same signature `(x, w, bias=None)`:
     qmatmul_triton  fused Triton kernels (kernels/qmatmul_kernels.py), regime chosen by M
-                    (kernels/qmatmul_configs.py): GEMV for M <= 4, tensor-core split-K GEMM, and
-                    dequantize-to-x.dtype + torch.matmul where the tuned table says it is faster.
+                    (kernels/qmatmul_configs.py): GEMV for M <= 4 (for bf16 x and Q4_0 / Q8_0 weights on a
+                    GPU the "dp4a" GEMV, kernels/qmatmul_dp4a.py, which rounds x to int8 per 32-block),
+                    tensor-core split-K GEMM, and dequantize-to-x.dtype + torch.matmul where the tuned table
+                    says it is faster.
     qmatmul_torch   the path used when Triton is not chosen (CPU inference): dequantized weights cached per
                     QTensor within a memory budget (env VLM_QMATMUL_CACHE_MB), else dequantized in row chunks.
     qmatmul_ref     the spec: dequantize to fp32, matmul in fp32, cast to x's dtype.
+    qmatmul_dp4a_ref  what the "dp4a" regime computes: x rounded to int8 per 32-element block first.
 F32 / F16 / BF16 weights are plain dense matrices: every path hands them to torch.
 """
 from __future__ import annotations
@@ -25,6 +28,7 @@ import triton
 
 from kernels import qmatmul_configs as qcfg
 from kernels._qblocks import GEOMETRY, IQ4_NL_VALUES, SUPPORTED
+from kernels.qmatmul_dp4a import _qgemv_dp4a_kernel, _quantize_x_kernel
 from kernels.qmatmul_kernels import _dequant_kernel, _qgemm_kernel, _qgemv_kernel, _splitk_reduce_kernel
 from kernels.quant import FLOAT_TYPES, GGMLType, QTensor
 from kernels.quant import dequantize as _quant_dequantize
@@ -133,13 +137,13 @@ def _constexprs(qtype: GGMLType) -> dict:
     return GEOMETRY[qtype].constexprs()
 
 
-def _choose_config(M, N, K, w, device, interpret: bool) -> dict:
+def _choose_config(M, N, K, w, x_dtype, device, interpret: bool) -> dict:
     geom = GEOMETRY[w.qtype]
     if interpret:
         return qcfg.choose(M, N, K, w.qtype, geom.qk, interpret=True)
     idx = device.index if device.index is not None else torch.cuda.current_device()
     return qcfg.choose(M, N, K, w.qtype, geom.qk, interpret=False, device_name=_device_name(idx),
-                       n_sm=_sm_count(idx))
+                       n_sm=_sm_count(idx), int8_x=x_dtype == torch.bfloat16 and qcfg.dp4a_enabled())
 
 
 def qmatmul_triton(x: torch.Tensor, w: QTensor, bias: torch.Tensor | None = None, *,
@@ -163,7 +167,7 @@ def qmatmul_triton(x: torch.Tensor, w: QTensor, bias: torch.Tensor | None = None
         return x.new_empty(out_shape)
     geom = GEOMETRY[w.qtype]
     if config is None:
-        cfg = _choose_config(M, N, K, w, x.device, interpret)
+        cfg = _choose_config(M, N, K, w, x2.dtype, x.device, interpret)
     else:
         n_sm = 1 if interpret else _sm_count(x.device.index or 0)
         cfg = qcfg.resolve(config, M, N, K, geom.qk, n_sm)
@@ -184,7 +188,9 @@ def qmatmul_triton(x: torch.Tensor, w: QTensor, bias: torch.Tensor | None = None
     launch = dict(QTYPE=int(w.qtype), **_constexprs(w.qtype), BLOCK_N=cfg["BLOCK_N"], NB=cfg["NB"],
                   HAS_BIAS=has_bias and split == 1, num_warps=cfg.get("num_warps", 4),
                   num_stages=cfg.get("num_stages", 2))
-    if cfg["regime"] == "gemv":
+    if cfg["regime"] == "dp4a":
+        _launch_dp4a(x2, w, y, ws, bias, cfg, M, N, K, interpret)
+    elif cfg["regime"] == "gemv":
         if M > qcfg.GEMV_FORCE_MAX_M:
             raise ValueError(f"qmatmul_triton: the GEMV regime takes M <= {qcfg.GEMV_FORCE_MAX_M}, got M={M}")
         m_pad = 1 if M == 1 else 2 if M == 2 else qcfg.GEMV_M_CHUNK    # activation rows per program
@@ -205,6 +211,38 @@ def qmatmul_triton(x: torch.Tensor, w: QTensor, bias: torch.Tensor | None = None
 
 # ---------------------------------------------------------------------------------------------------------
 # torch path: cached dequantized weights within a budget, else chunked dequantization
+
+def _quantize_x(x2: torch.Tensor, interpret: bool):
+    """x [M, K] -> (int8 [M, K], fp32 scales [M, K/32], int32 block sums [M, K/32]) for the dp4a GEMV."""
+    M, K = x2.shape
+    nb = K // 32
+    xq = torch.empty((M, K), dtype=torch.int8, device=x2.device)
+    xd = torch.empty((M, nb), dtype=torch.float32, device=x2.device)
+    xs = torch.empty((M, nb), dtype=torch.int32, device=x2.device)
+    blocks = 256 if interpret else 32
+    _quantize_x_kernel[(_cdiv(M * nb, blocks),)](x2, xq, xd, xs, M * nb, BLOCKS=blocks, num_warps=4)
+    return xq, xd, xs
+
+
+def _launch_dp4a(x2, w, y, ws, bias, cfg, M, N, K, interpret: bool) -> None:
+    if w.qtype not in qcfg.DP4A_TYPES:
+        raise ValueError(f"qmatmul_triton: the dp4a regime takes {', '.join(t.name for t in qcfg.DP4A_TYPES)} "
+                         f"weights, got {w.qtype.name}")
+    if M > qcfg.GEMV_FORCE_MAX_M:
+        raise ValueError(f"qmatmul_triton: the dp4a regime takes M <= {qcfg.GEMV_FORCE_MAX_M}, got M={M}")
+    xq, xd, xs = _quantize_x(x2, interpret)
+    wdata = w.data.contiguous()
+    m_pad = 1 if M == 1 else 2 if M == 2 else qcfg.GEMV_M_CHUNK
+    n_mchunks = _cdiv(M, m_pad)
+    split = cfg["SPLIT_K"]
+    grid = (n_mchunks * _cdiv(N, cfg["BLOCK_N"]), split)
+    has_bias = bias is not None
+    _qgemv_dp4a_kernel[grid](xq.view(torch.int32), xd, xs, wdata.view(torch.int16), y, ws,
+                             bias if has_bias else y, M, N, wdata.shape[1] // 2, K // 32, cfg["iters"], split,
+                             n_mchunks, IS_Q4=w.qtype == GGMLType.Q4_0, M_PAD=m_pad, BLOCK_N=cfg["BLOCK_N"],
+                             NB=cfg["NB"], HAS_BIAS=has_bias and split == 1, ASM=not interpret,
+                             num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 1))
+
 
 def dequantize_rows(w: QTensor, row0: int = 0, row1: int | None = None) -> torch.Tensor:
     """fp32 dequantization of rows [row0, row1) of a 2-D QTensor, on w's device."""
@@ -322,4 +360,20 @@ def qmatmul_ref(x: torch.Tensor, w: QTensor, bias: torch.Tensor | None = None) -
     y = x.reshape(-1, K).float() @ dequantize_rows(w).T
     if bias is not None:
         y = y + bias.float()
+    return y.to(x.dtype).reshape(tuple(x.shape[:-1]) + (N,))
+
+
+def qmatmul_dp4a_ref(x: torch.Tensor, w: QTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """What the "dp4a" regime computes, in float64: x rounded per 32-element block to int8 q with scale
+    d = amax / 127 (q = floor(x * (127 / amax) + 0.5) in fp32, clamped to +-127), then the exact product with
+    the fp32 dequantized weights, cast to x's dtype."""
+    N, K = _check(x, w, bias, triton_path=False)
+    xf = x.reshape(-1, K).float().reshape(-1, K // 32, 32)
+    amax = xf.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127.0 / amax.clamp_min(1e-30), torch.zeros_like(amax))
+    q = torch.floor(xf * inv + 0.5).clamp_(-127, 127)
+    xdq = (q.double() * (amax / 127.0).double()).reshape(-1, K)
+    y = xdq @ dequantize_rows(w).double().T
+    if bias is not None:
+        y = y + bias.double()
     return y.to(x.dtype).reshape(tuple(x.shape[:-1]) + (N,))

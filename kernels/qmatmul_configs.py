@@ -3,6 +3,8 @@
 Regimes (../shared/reference/triton-notes.md §3a):
     "gemv"     M <= GEMV_MAX_M: CUDA-core FMAs reduced once with tl.sum, weights decoded once per chunk of
                GEMV_M_CHUNK activation rows; split-K only when N alone cannot fill the GPU.
+    "dp4a"     M <= GEMV_MAX_M, bf16 x, Q4_0 / Q8_0 weights on a GPU: x rounded to int8 per 32-block, integer
+               dot products (kernels/qmatmul_dp4a.py); env VLM_QMATMUL_EXACT=1 turns it off.
     "gemm"     tensor-core tiles, split-K for small M.
     "dequant"  dequantize to x's dtype with a Triton kernel, then torch.matmul (cuBLAS): wins at large M.
 Tuned winners live in kernels/configs/qmatmul_<gpu>.json (written by `bench/bench_qmatmul.py --tune`):
@@ -91,6 +93,21 @@ DEFAULT_GEMV = {qk: dict(regime="gemv", SPLIT_K="auto", **GEMV_CONFIGS[qk][0]) f
 # the extra launch of the split-K reduction costs.
 GEMV_TARGET_WARPS_PER_SM = 32
 GEMV_SPLIT_MIN_WEIGHTS = 1 << 25
+# dp4a GEMV (kernels/qmatmul_dp4a.py): one thread per (weight row, 32-weight block) of a [BLOCK_N, NB] tile,
+# NB = BLOCK_K / 32, BLOCK_N * NB / (32 * num_warps) (row, block) pairs per thread. Bytes in flight over the GPU
+# are ~N * NB * type_size (x split-K): an H100 needs ~3.4 MB (HBM rate x ~1 us latency), hence NB >= 64 for
+# N = 4096. Offline sm_90 compiles (bench/qmatmul_aot.py --dp4a): ~1.5-2.2 SASS instructions per weight at
+# M = 1 (the float GEMV: 8.3-9.4), no spills.
+DP4A_TYPES = (GGMLType.Q4_0, GGMLType.Q8_0)
+DP4A_CONFIGS = [
+    dict(BLOCK_N=8, BLOCK_K=2048, num_warps=4, num_stages=1),
+    dict(BLOCK_N=4, BLOCK_K=2048, num_warps=4, num_stages=1),
+    dict(BLOCK_N=8, BLOCK_K=1024, num_warps=4, num_stages=1),
+    dict(BLOCK_N=16, BLOCK_K=2048, num_warps=8, num_stages=1),
+    dict(BLOCK_N=4, BLOCK_K=4096, num_warps=4, num_stages=1),
+]
+DEFAULT_DP4A = dict(regime="dp4a", SPLIT_K="auto", **DP4A_CONFIGS[0])
+INTERPRET_DP4A = dict(regime="dp4a", BLOCK_N=32, BLOCK_K=2048, SPLIT_K=1, num_warps=4, num_stages=1)
 INTERPRET_GEMM = dict(regime="gemm", BLOCK_M=32, BLOCK_N=32, BLOCK_K=512, SPLIT_K=1, num_warps=4, num_stages=1)
 MAX_SPLIT_K = 32
 
@@ -105,6 +122,11 @@ def bucket_top(M: int) -> int:
     while b < M:
         b *= 2
     return b
+
+
+def dp4a_enabled() -> bool:
+    """The dp4a GEMV may be chosen for bf16 activations unless VLM_QMATMUL_EXACT=1."""
+    return os.environ.get("VLM_QMATMUL_EXACT", "0") in ("", "0")
 
 
 def m_bucket(M: int) -> str:
@@ -177,13 +199,15 @@ def resolve(cfg: dict, M: int, N: int, K: int, qk: int, n_sm: int) -> dict:
     if nb & (nb - 1):
         raise ValueError(f"qmatmul config BLOCK_K={cfg['BLOCK_K']} is not a power-of-two multiple of {qk}")
     unroll = int(cfg.get("UNROLL", 1)) if cfg["regime"] == "gemv" else 1
+    if cfg["regime"] == "dp4a" and qk != 32:
+        raise ValueError(f"qmatmul config regime dp4a needs 32-weight blocks (Q4_0 / Q8_0), got block size {qk}")
     if unroll < 1:
         raise ValueError(f"qmatmul config UNROLL={cfg.get('UNROLL')} must be >= 1")
     n_steps = -(-n_blocks // (nb * unroll))
     split = cfg.get("SPLIT_K", "auto")
     if split == "auto":
         tiles = -(-N // cfg["BLOCK_N"])
-        if cfg["regime"] == "gemv":
+        if cfg["regime"] in ("gemv", "dp4a"):
             # M chunks are not counted: the split (hence the K-reduction order) must not depend on M
             target = GEMV_TARGET_WARPS_PER_SM * n_sm // int(cfg.get("num_warps", 4))
             split = 1
@@ -203,12 +227,18 @@ def resolve(cfg: dict, M: int, N: int, K: int, qk: int, n_sm: int) -> dict:
 
 @functools.lru_cache(maxsize=4096)
 def choose(M: int, N: int, K: int, qtype: GGMLType, qk: int, *, interpret: bool, device_name: str = "",
-           n_sm: int = 1) -> dict:
+           n_sm: int = 1, int8_x: bool = False) -> dict:
     """The resolved config for one call: a pure function of the shapes and the tuned table, memoised so the
-    per-call cost is one dict lookup (treat the returned dict as read-only)."""
+    per-call cost is one dict lookup (treat the returned dict as read-only). int8_x: the caller accepts x
+    rounded to int8 per 32-block (bf16 activations), so the dp4a GEMV may serve M <= GEMV_MAX_M."""
     if interpret:
         cfg = dict(INTERPRET_GEMV if M <= GEMV_MAX_M else INTERPRET_GEMM)
+    elif int8_x and M <= GEMV_MAX_M and GGMLType(qtype) in DP4A_TYPES:
+        cfg = tuned_entry(device_name, qtype, "dp4a", N, K) or dict(DEFAULT_DP4A)
+        cfg["regime"] = "dp4a"
     else:
         cfg = tuned_entry(device_name, qtype, m_bucket(M), N, K) or heuristic(M, N, K, qk, n_sm)
         cfg.setdefault("regime", "gemv" if M <= GEMV_MAX_M else "gemm")
+        if cfg["regime"] == "dp4a":     # a table may not give exact-x callers the int8-x kernel
+            cfg = heuristic(M, N, K, qk, n_sm)
     return resolve(cfg, M, N, K, qk, n_sm)

@@ -12,7 +12,8 @@ from gguf.quants import quantize as gguf_quantize
 import kernels
 from kernels import qmatmul_configs as qcfg
 from kernels._qblocks import GEOMETRY, SUPPORTED
-from kernels.qmatmul import dequant_cache, dequantize_triton, qmatmul_ref, qmatmul_torch, qmatmul_triton
+from kernels.qmatmul import (dequant_cache, dequantize_triton, qmatmul_dp4a_ref, qmatmul_ref, qmatmul_torch,
+                             qmatmul_triton)
 from kernels.quant import GGMLType, QTensor, block_info
 
 # max |y - ref| / max |ref|, per activation dtype (architecture.md tolerance table)
@@ -364,10 +365,99 @@ def test_shipped_config_files_are_legal():
         for tname, buckets in table["configs"].items():
             qk = GEOMETRY[GGMLType[tname]].qk
             for bucket, entries in buckets.items():
-                assert bucket == "gemv" or bucket in {f"m{2**i}" for i in range(3, 13)}, (path, bucket)
+                assert bucket in ("gemv", "dp4a") or bucket in {f"m{2**i}" for i in range(3, 13)}, (path, bucket)
                 for shape, cfg in entries.items():
-                    assert set(cfg) <= known and cfg["regime"] in ("gemv", "gemm", "dequant"), (path, cfg)
+                    assert set(cfg) <= known and cfg["regime"] in ("gemv", "gemm", "dequant", "dp4a"), (path, cfg)
+                    assert (bucket == "dp4a") == (cfg["regime"] == "dp4a"), (path, bucket, cfg)
                     if cfg["regime"] != "dequant":
                         N, K = (4096, 4096) if shape == "*" else map(int, shape.split("x"))
-                        M = 1 if bucket == "gemv" else int(bucket[1:])
+                        M = 1 if bucket in ("gemv", "dp4a") else int(bucket[1:])
                         qcfg.resolve(cfg, M, N, K, qk, 132)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the dp4a GEMV (x rounded to int8 per 32-block, integer dot products): exact against its own reference,
+# within the bf16 tolerance of the spec
+
+DP4A_CASES = [(1, 37, 256), (3, 33, 640), (2, 64, 2304), (4, 5, 5632), (16, 9, 256)]
+
+
+@pytest.mark.parametrize("M,N,K", DP4A_CASES, ids=lambda v: str(v))
+@pytest.mark.parametrize("qtype", qcfg.DP4A_TYPES, ids=lambda t: t.name)
+def test_dp4a_matches_its_reference(qtype, M, N, K, device):
+    w = make_qtensor(qtype, N, K, seed=M + N, device=device)
+    x = torch.randn(M, K, device=device)
+    bias = torch.randn(N, device=device)
+    y = qmatmul_triton(x, w, bias, config=qcfg.INTERPRET_DP4A)
+    # integer products are exact: only the fp32 sum of the per-block terms differs from the float64 reference
+    assert_close(y, qmatmul_dp4a_ref(x, w, bias), torch.float32, f"{qtype.name} M={M} vs dp4a_ref")
+    # against the spec, x's int8 rounding (|error| <= amax / 254 per 32-block, bf16-like) must stay inside the
+    # bf16 tolerance: measured 4.4e-3 .. 6.9e-3 on these cases
+    assert_close(y, qmatmul_ref(x, w, bias), torch.bfloat16, f"{qtype.name} M={M} vs ref")
+
+
+@pytest.mark.parametrize("qtype", qcfg.DP4A_TYPES, ids=lambda t: t.name)
+def test_dp4a_split_k_bias_and_zero_blocks(qtype, device):
+    """Split-K with the last split past K, two M chunks (the second partial), bias in the reduction, an all-zero
+    x block (scale 0) and a block with one huge value."""
+    M, N, K = 6, 37, 2304
+    w = make_qtensor(qtype, N, K, seed=3, device=device)
+    x = torch.randn(M, K, device=device)
+    x[1, 64:96] = 0.0
+    x[2, 100] = 1e4
+    bias = torch.randn(N, device=device)
+    cfg = dict(regime="dp4a", BLOCK_N=32, BLOCK_K=512, SPLIT_K=3)
+    r = qcfg.resolve(cfg, M, N, K, 32, 1)
+    assert r["SPLIT_K"] == 3 and r["iters"] * 3 * r["NB"] * 32 > K
+    y = qmatmul_triton(x, w, bias, config=cfg)
+    assert_close(y, qmatmul_dp4a_ref(x, w, bias), torch.float32, "split-K")
+
+
+def test_dp4a_batch_invariance(device):
+    w = make_qtensor(GGMLType.Q4_0, 21, 512, seed=5, device=device)
+    x = torch.randn(16, 512, device=device)
+    ys = [qmatmul_triton(x[:m], w, config=qcfg.INTERPRET_DP4A) for m in (1, 2, 3, 4, 5, 16)]
+    for y in ys[1:]:
+        assert torch.equal(y[:1], ys[0])
+    assert torch.equal(ys[-1][:5], ys[-2])
+
+
+def test_dp4a_selection(tmp_path, monkeypatch):
+    """Chosen only for callers that accept int8 x (bf16 on a GPU), Q4_0 / Q8_0, M <= GEMV_MAX_M; a tuned
+    "dp4a" entry is used; a dp4a entry in another bucket is never given to exact callers; the env switch."""
+    pick = lambda M, t, **kw: qcfg.choose(M, 4096, 4096, t, GEOMETRY[t].qk, interpret=False,  # noqa: E731
+                                          device_name="Fake GPU", n_sm=132, **kw)
+    table = {"configs": {"Q8_0": {"dp4a": {"*": dict(regime="dp4a", BLOCK_N=4, BLOCK_K=4096, SPLIT_K="auto",
+                                                    num_warps=4)},
+                                  "gemv": {"*": dict(regime="dp4a", BLOCK_N=4, BLOCK_K=4096, SPLIT_K="auto")}}}}
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps(table))
+    monkeypatch.setenv("VLM_QMATMUL_CONFIGS", str(path))
+    qcfg.clear_cache()
+    try:
+        assert pick(1, GGMLType.Q4_0, int8_x=True)["regime"] == "dp4a"
+        assert pick(4, GGMLType.Q4_0, int8_x=True)["BLOCK_N"] == qcfg.DEFAULT_DP4A["BLOCK_N"]
+        assert pick(1, GGMLType.Q4_0)["regime"] == "gemv"
+        assert pick(5, GGMLType.Q4_0, int8_x=True)["regime"] == "gemm"
+        assert pick(1, GGMLType.Q4_K, int8_x=True)["regime"] == "gemv"
+        tuned = pick(1, GGMLType.Q8_0, int8_x=True)
+        assert (tuned["regime"], tuned["BLOCK_N"], tuned["NB"]) == ("dp4a", 4, 128)
+        assert pick(1, GGMLType.Q8_0)["regime"] == "gemv"          # the stray "gemv" bucket dp4a entry
+    finally:
+        qcfg.clear_cache()
+    assert qcfg.dp4a_enabled()
+    monkeypatch.setenv("VLM_QMATMUL_EXACT", "1")
+    assert not qcfg.dp4a_enabled()
+
+
+def test_dp4a_bad_config(device):
+    x = torch.randn(17, 256, device=device)
+    with pytest.raises(ValueError, match="dp4a needs 32-weight blocks"):
+        qmatmul_triton(x[:1], make_qtensor(GGMLType.Q4_K, 8, 256, device=device),
+                       config=dict(regime="dp4a", BLOCK_N=8, BLOCK_K=256))
+    with pytest.raises(ValueError, match="dp4a regime takes Q4_0, Q8_0 weights, got Q4_1"):
+        qmatmul_triton(x[:1], make_qtensor(GGMLType.Q4_1, 8, 256, device=device),
+                       config=dict(regime="dp4a", BLOCK_N=8, BLOCK_K=256))
+    with pytest.raises(ValueError, match="dp4a regime takes M <= 16, got M=17"):
+        qmatmul_triton(x, make_qtensor(GGMLType.Q4_0, 8, 256, device=device),
+                       config=dict(regime="dp4a", BLOCK_N=8, BLOCK_K=256))

@@ -9,7 +9,7 @@ from test_qmatmul import assert_close, make_qtensor  # shared weight maker and t
 
 from kernels import qmatmul_configs as qcfg
 from kernels._qblocks import GEOMETRY, SUPPORTED
-from kernels.qmatmul import dequant_cache, qmatmul_ref, qmatmul_torch, qmatmul_triton
+from kernels.qmatmul import dequant_cache, qmatmul_dp4a_ref, qmatmul_ref, qmatmul_torch, qmatmul_triton
 from kernels.quant import GGMLType
 
 pytestmark = pytest.mark.gpu
@@ -92,17 +92,23 @@ def test_layer_shape_and_split_k_determinism():
     assert torch.equal(y, qmatmul_triton(x, w, config=forced))
 
 
-@pytest.mark.parametrize("qtype", [GGMLType.Q4_0], ids=lambda t: t.name)
-def test_batch_invariance_gpu(qtype):
+@pytest.mark.parametrize("int8_x", [True, False], ids=["dp4a", "float-gemv"])
+def test_batch_invariance_gpu(int8_x):
+    """Rows of y are bitwise independent of M: the decode config (the dp4a GEMV for bf16 x, or the float GEMV)
+    for M = 1 … 4 and forced past GEMV_MAX_M, and one GEMM bucket."""
+    qtype = GGMLType.Q4_0
     N, K = 777, 2048
     w = make_qtensor(qtype, N, K, seed=6, device=DEV)
     x = _x(32, K, torch.bfloat16)
-    gemv = [qmatmul_triton(x[:m], w) for m in range(1, qcfg.GEMV_MAX_M + 1)]
     forced = {k: v for k, v in qcfg.choose(1, N, K, qtype, GEOMETRY[qtype].qk, interpret=False,
                                            device_name=torch.cuda.get_device_name(),
-                                           n_sm=torch.cuda.get_device_properties(0).multi_processor_count).items()
+                                           n_sm=torch.cuda.get_device_properties(0).multi_processor_count,
+                                           int8_x=int8_x).items()
               if k not in ("NB", "iters")}
-    gemv += [qmatmul_triton(x[:m], w, config=forced) for m in (5, 16)]     # the GEMV config past GEMV_MAX_M
+    assert forced["regime"] == ("dp4a" if int8_x else "gemv")
+    gemv = [qmatmul_triton(x[:m], w, config=forced) for m in (1, 2, 3, 4, 5, 16)]
+    if int8_x:
+        assert torch.equal(qmatmul_triton(x[:1], w), gemv[0])      # what bf16 decode gets by default
     for y in gemv[1:]:
         assert torch.equal(y[:1], gemv[0])
     assert torch.equal(gemv[-1][:5], gemv[-2])
@@ -110,6 +116,35 @@ def test_batch_invariance_gpu(qtype):
     gemm = [qmatmul_triton(x[:m], w, config=cfg) for m in (17, 25, 32)]
     for y in gemm[1:]:
         assert torch.equal(y[:17], gemm[0])
+
+
+@pytest.mark.parametrize("qtype,i", [(t, i) for t in qcfg.DP4A_TYPES for i in range(len(qcfg.DP4A_CONFIGS))],
+                         ids=str)
+def test_each_dp4a_config(qtype, i):
+    """Every dp4a candidate (inline PTX dp4a, real compiler) at M = 1, 2 and 5 (two M chunks): within the bf16
+    tolerance of the spec and of its own int8-x reference."""
+    cfg = dict(regime="dp4a", **qcfg.DP4A_CONFIGS[i], SPLIT_K="auto")
+    w = make_qtensor(qtype, 4096, 4096, seed=3, device=DEV, random_bytes=True)
+    for M in (1, 2, 5):
+        x = _x(M, 4096, torch.bfloat16, seed=M)
+        y = qmatmul_triton(x, w, config=cfg)
+        assert_close(y, qmatmul_ref(x, w), torch.bfloat16, f"M={M} {cfg}")
+        assert_close(y, qmatmul_dp4a_ref(x, w), torch.bfloat16, f"M={M} {cfg} vs dp4a_ref")
+
+
+@pytest.mark.parametrize("qtype", qcfg.DP4A_TYPES, ids=lambda t: t.name)
+def test_dp4a_split_k_bias_layer_shape(qtype):
+    """A down-projection shape with split-K forced, bias, and fp16 x forced through the dp4a regime (x's int8
+    rounding dominates, so the bf16 tolerance applies whatever x's dtype)."""
+    N, K = 4096, 14336
+    w = make_qtensor(qtype, N, K, seed=5, device=DEV, random_bytes=True)
+    cfg = dict(qcfg.DEFAULT_DP4A, SPLIT_K=4)
+    for dtype in (torch.bfloat16, torch.float16):
+        x = _x(3, K, dtype)
+        bias = torch.randn(N, device=DEV).to(dtype)
+        y = qmatmul_triton(x, w, bias, config=cfg)
+        assert_close(y.float(), qmatmul_ref(x.float(), w, bias.float()), torch.bfloat16, f"{dtype}")
+        assert torch.equal(y, qmatmul_triton(x, w, bias, config=cfg)), "split-K not deterministic"
 
 
 @pytest.mark.parametrize("qtype", [GGMLType.Q5_0, GGMLType.Q6_K], ids=lambda t: t.name)
