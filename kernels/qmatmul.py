@@ -5,8 +5,8 @@
 
 Three implementations with the same signature `(x, w, bias=None)`:
     qmatmul_triton  fused Triton kernels (kernels/qmatmul_kernels.py), regime chosen by M
-                    (kernels/qmatmul_configs.py): GEMV for M <= 4 (for bf16 x and Q4_0 / Q8_0 weights on a
-                    GPU the "dp4a" GEMV, kernels/qmatmul_dp4a.py, which rounds x to int8 per 32-block),
+                    (kernels/qmatmul_configs.py): GEMV for M <= 4 (opt-in for bf16 x and Q4_0 / Q8_0 weights,
+                    VLM_QMATMUL_INT8_X=1: the "dp4a" GEMV of kernels/qmatmul_dp4a.py, x rounded to int8),
                     tensor-core split-K GEMM, and dequantize-to-x.dtype + torch.matmul where the tuned table
                     says it is faster.
     qmatmul_torch   the path used when Triton is not chosen (CPU inference): dequantized weights cached per

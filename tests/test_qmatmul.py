@@ -423,8 +423,9 @@ def test_dp4a_batch_invariance(device):
 
 
 def test_dp4a_selection(tmp_path, monkeypatch):
-    """Chosen only for callers that accept int8 x (bf16 on a GPU), Q4_0 / Q8_0, M <= GEMV_MAX_M; a tuned
-    "dp4a" entry is used; a dp4a entry in another bucket is never given to exact callers; the env switch."""
+    """Chosen only for callers that accept int8 x (bf16 on a GPU with VLM_QMATMUL_INT8_X=1), Q4_0 / Q8_0,
+    M <= GEMV_MAX_M; a tuned "dp4a" entry is used; a dp4a entry in another bucket is never given to exact
+    callers."""
     pick = lambda M, t, **kw: qcfg.choose(M, 4096, 4096, t, GEOMETRY[t].qk, interpret=False,  # noqa: E731
                                           device_name="Fake GPU", n_sm=132, **kw)
     table = {"configs": {"Q8_0": {"dp4a": {"*": dict(regime="dp4a", BLOCK_N=4, BLOCK_K=4096, SPLIT_K="auto",
@@ -445,9 +446,10 @@ def test_dp4a_selection(tmp_path, monkeypatch):
         assert pick(1, GGMLType.Q8_0)["regime"] == "gemv"          # the stray "gemv" bucket dp4a entry
     finally:
         qcfg.clear_cache()
+    monkeypatch.delenv("VLM_QMATMUL_INT8_X", raising=False)
+    assert not qcfg.dp4a_enabled()                                     # opt-in
+    monkeypatch.setenv("VLM_QMATMUL_INT8_X", "1")
     assert qcfg.dp4a_enabled()
-    monkeypatch.setenv("VLM_QMATMUL_EXACT", "1")
-    assert not qcfg.dp4a_enabled()
 
 
 def test_dp4a_bad_config(device):

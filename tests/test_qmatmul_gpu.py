@@ -93,9 +93,10 @@ def test_layer_shape_and_split_k_determinism():
 
 
 @pytest.mark.parametrize("int8_x", [True, False], ids=["dp4a", "float-gemv"])
-def test_batch_invariance_gpu(int8_x):
-    """Rows of y are bitwise independent of M: the decode config (the dp4a GEMV for bf16 x, or the float GEMV)
+def test_batch_invariance_gpu(int8_x, monkeypatch):
+    """Rows of y are bitwise independent of M: the decode config (the float GEMV, or the opt-in dp4a GEMV)
     for M = 1 … 4 and forced past GEMV_MAX_M, and one GEMM bucket."""
+    monkeypatch.setenv("VLM_QMATMUL_INT8_X", "1" if int8_x else "0")
     qtype = GGMLType.Q4_0
     N, K = 777, 2048
     w = make_qtensor(qtype, N, K, seed=6, device=DEV)
@@ -107,8 +108,7 @@ def test_batch_invariance_gpu(int8_x):
               if k not in ("NB", "iters")}
     assert forced["regime"] == ("dp4a" if int8_x else "gemv")
     gemv = [qmatmul_triton(x[:m], w, config=forced) for m in (1, 2, 3, 4, 5, 16)]
-    if int8_x:
-        assert torch.equal(qmatmul_triton(x[:1], w), gemv[0])      # what bf16 decode gets by default
+    assert torch.equal(qmatmul_triton(x[:1], w), gemv[0])          # what bf16 decode gets with this setting
     for y in gemv[1:]:
         assert torch.equal(y[:1], gemv[0])
     assert torch.equal(gemv[-1][:5], gemv[-2])
