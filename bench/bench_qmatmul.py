@@ -6,10 +6,12 @@
 
 GPU: each case runs on enough copies of its weights to fill 3x the L2, captured back to back in one CUDA graph and
 replayed (bench/_common.py graph_time_us: every call streams its weights from HBM as consecutive layers do, no
-launch gaps, no L2 flush between calls); the median per call is reported. Shapes are N x K (out x in features). Per (type, shape, M): time, effective GB/s (packed weights +
-x + y), % of HBM bandwidth, TFLOP/s and the speedup over `torch.matmul` with bf16 weights measured in the same
-run. Rows go to <out>/qmatmul.csv, the plot (% of HBM vs M per type) to <out>/qmatmul.png. The sweep runs M-major
-(M=1 first) and stops cleanly when --budget-s is spent, so a time limit never loses what was measured.
+launch gaps, no L2 flush between calls); the median per call is reported. Shapes are N x K (out x in features).
+Per (type, shape, M): time, effective GB/s (packed weights + x + y), % of HBM bandwidth, TFLOP/s and the speedup
+over `torch.matmul` with bf16 weights measured in the same run; for Q4_0 / Q8_0 at M <= 4 also the opt-in dp4a
+GEMV (provider triton_dp4a). Rows go to <out>/qmatmul.csv, the plot (% of HBM vs M per type) to <out>/qmatmul.png.
+The sweep runs M-major (M=1 first) and stops cleanly when --budget-s is spent, so a time limit never loses what was
+measured.
 CPU: a quick sweep of the torch path (cached dense weights vs dequantize-per-call) vs an fp32 dense F.linear
 (best of n runs: CPU machines are shared).
 """
@@ -173,7 +175,8 @@ def bench_gpu(args) -> list[dict]:
                                      time_us=tf * 1e6, gb_s=nbytes / tf / 1e9,
                                      pct_hbm=100 * nbytes / tf / hbm if hbm else "", tflops=flops / tf / 1e12,
                                      peer_time_us=t_peer * 1e6, speedup_vs_peer=t_peer / tf,
-                                     packed_mb=w.nbytes / 1e6, rel_err=_rel_err(qmatmul_triton(x, w, config=dcfg), x, w)))
+                                     packed_mb=w.nbytes / 1e6,
+                                     rel_err=_rel_err(qmatmul_triton(x, w, config=dcfg), x, w)))
                 tq = graph_time_us([lambda w=w: qmatmul_triton(x, w, config=cfg) for w in weights[key]]) * 1e-6
                 # every timed case is also checked: fp32 reference from the fp32 dequantization (the spec)
                 rel = _rel_err(qmatmul_triton(x, w, config=cfg), x, w)

@@ -27,6 +27,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from kernels.qmatmul_kernels import store_row
+
 DP4A_QTYPES = {2: "Q4_0", 8: "Q8_0"}     # GGMLType values handled here
 
 
@@ -107,14 +109,7 @@ def _finish(acc, s, d_w, xd_ptr, xs_ptr, m, M, blk_c, b_ok, n_blocks, IS_Q4: tl.
 
 @triton.jit
 def _store_rows(y_ptr, ws_ptr, bias_ptr, acc, m, M, N, rows, pid_s, n_split, HAS_BIAS: tl.constexpr):
-    y = tl.sum(acc, axis=1)
-    ok = (rows < N) & ((rows * 0 + m) < M)
-    if n_split == 1:
-        if HAS_BIAS:
-            y += tl.load(bias_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
-        tl.store(y_ptr + m * N + rows, y.to(y_ptr.dtype.element_ty), mask=ok)
-    else:
-        tl.store(ws_ptr + (pid_s.to(tl.int64) * M + m) * N + rows, y, mask=ok)
+    store_row(y_ptr, ws_ptr, bias_ptr, tl.sum(acc, axis=1), m, M, N, rows, pid_s, n_split, HAS_BIAS)
 
 
 @triton.jit(do_not_specialize=["M", "N", "n_blocks", "iters", "n_split", "n_mchunks"])

@@ -50,6 +50,13 @@ def _gemv_store(y_ptr, ws_ptr, bias_ptr, acc, m, M, N, rows, pid_s, n_split, HAS
     """Reduce one activation row's [BLOCK_N, NB, S] accumulator along K and store y[m, rows] (or its split's
     workspace slice)."""
     y = tl.sum(tl.sum(acc, axis=2), axis=1)        # [BLOCK_N]
+    store_row(y_ptr, ws_ptr, bias_ptr, y, m, M, N, rows, pid_s, n_split, HAS_BIAS)
+
+
+@triton.jit
+def store_row(y_ptr, ws_ptr, bias_ptr, y, m, M, N, rows, pid_s, n_split, HAS_BIAS: tl.constexpr):
+    """Store the fp32 [BLOCK_N] result y of activation row m: y[m, rows] (+ bias) in y's dtype, or, with split-K,
+    its split's fp32 workspace slice (the reduction kernel adds the bias)."""
     ok = (rows < N) & ((rows * 0 + m) < M)
     if n_split == 1:
         if HAS_BIAS:
