@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import shutil
 import subprocess
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -34,10 +35,11 @@ ESPEAK = shutil.which("espeak-ng")
 TOL = {
     "logmel_vs_hf": 1e-5,             # measured 2.4e-7 (float32 rounding: matmul order)
     "logmel_vs_llamacpp_ref": 1e-5,   # float32 transcription of llama.cpp's rules; measured 2.4e-7
-    # Any float32 log-mel differs from a float64 computation by up to ~3e-5 on low bins of speech frames (float32 FFT
-    # error relative to the frame's energy): HF's own extractor is 2.86e-5 from float64 on speech_hello_16k.flac,
-    # ours the same 2.86e-5, so against float64 the bound is 5e-5.
-    "logmel_vs_float64": 5e-5,
+    # Any float32 log-mel differs from a float64 computation on low bins of loud frames (float32 FFT error relative to
+    # the frame's energy): HF's own extractor is 2.86e-5 from float64 on speech_hello_16k.flac, ours the same. Over 12
+    # noise seeds of the synthetic clips ours was 2.6e-5 (median) .. 5.8e-5 from float64 (6.1e-5 seen once in CI)
+    # while staying <= 2.4e-7 from the float32 transcription of the same rules, so the float64 bound is 1e-4.
+    "logmel_vs_float64": 1e-4,
     "hf_vs_llamacpp_modes": 1e-5,     # same numbers where the rules agree
     "batch_frames": 1e-6,             # same maths, different FFT / GEMM batch sizes
     # two float32 FFT implementations (cuFFT vs MKL) disagree on the faintest bins of speech frames: two CPU float32
@@ -56,7 +58,7 @@ def _t(seconds: float) -> np.ndarray:
 
 
 def _signal(name: str) -> np.ndarray:
-    rng = np.random.default_rng(abs(hash(name)) % 2**32)
+    rng = np.random.default_rng(zlib.crc32(name.encode()))          # str hash() changes per process
     if name == "tone_0.1s":
         x = 0.5 * np.sin(2 * np.pi * 440 * _t(0.1))
     elif name == "chirp_3s":                                        # linear 50 Hz -> 7900 Hz
