@@ -209,9 +209,6 @@ def qmatmul_triton(x: torch.Tensor, w: QTensor, bias: torch.Tensor | None = None
     return y.reshape(out_shape)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# torch path: cached dequantized weights within a budget, else chunked dequantization
-
 def _quantize_x(x2: torch.Tensor, interpret: bool):
     """x [M, K] -> (int8 [M, K], fp32 scales [M, K/32], int32 block sums [M, K/32]) for the dp4a GEMV."""
     M, K = x2.shape
@@ -243,6 +240,9 @@ def _launch_dp4a(x2, w, y, ws, bias, cfg, M, N, K, interpret: bool) -> None:
                              NB=cfg["NB"], HAS_BIAS=has_bias and split == 1, ASM=not interpret,
                              num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 1))
 
+
+# ---------------------------------------------------------------------------------------------------------
+# torch path: cached dequantized weights within a budget, else chunked dequantization
 
 def dequantize_rows(w: QTensor, row0: int = 0, row1: int | None = None) -> torch.Tensor:
     """fp32 dequantization of rows [row0, row1) of a 2-D QTensor, on w's device."""
