@@ -167,25 +167,19 @@ def bench_gpu(args) -> list[dict]:
                                   n_sm=n_sm)
                 dcfg = qcfg.choose(M, N, K, w.qtype, GEOMETRY[w.qtype].qk, interpret=False, device_name=name,
                                    n_sm=n_sm, int8_x=True)
-                if dcfg["regime"] == "dp4a":     # also the opt-in int8-x GEMV (VLM_QMATMUL_INT8_X=1)
-                    tf = graph_time_us([lambda w=w: qmatmul_triton(x, w, config=dcfg)
-                                        for w in weights[key]]) * 1e-6
-                    nbytes = w.nbytes + x.numel() * 2 + M * N * 2
-                    rows.append(dict(meta, provider="triton_dp4a", qtype=t, N=N, K=K, M=M, config=cfg_str(dcfg),
-                                     time_us=tf * 1e6, gb_s=nbytes / tf / 1e9,
-                                     pct_hbm=100 * nbytes / tf / hbm if hbm else "", tflops=flops / tf / 1e12,
-                                     peer_time_us=t_peer * 1e6, speedup_vs_peer=t_peer / tf,
-                                     packed_mb=w.nbytes / 1e6,
-                                     rel_err=_rel_err(qmatmul_triton(x, w, config=dcfg), x, w)))
-                tq = graph_time_us([lambda w=w: qmatmul_triton(x, w, config=cfg) for w in weights[key]]) * 1e-6
-                # every timed case is also checked: fp32 reference from the fp32 dequantization (the spec)
-                rel = _rel_err(qmatmul_triton(x, w, config=cfg), x, w)
                 nbytes = w.nbytes + x.numel() * 2 + M * N * 2
-                rows.append(dict(meta, provider="triton", qtype=t, N=N, K=K, M=M, config=cfg_str(cfg),
-                                 time_us=tq * 1e6, gb_s=nbytes / tq / 1e9,
-                                 pct_hbm=100 * nbytes / tq / hbm if hbm else "", tflops=flops / tq / 1e12,
-                                 peer_time_us=t_peer * 1e6, speedup_vs_peer=t_peer / tq, packed_mb=w.nbytes / 1e6,
-                                 rel_err=rel))
+                # also the opt-in int8-x GEMV (VLM_QMATMUL_INT8_X=1) where it applies
+                for provider, c in (("triton_dp4a", dcfg), ("triton", cfg)):
+                    if provider == "triton_dp4a" and c["regime"] != "dp4a":
+                        continue
+                    tq = graph_time_us([lambda w=w: qmatmul_triton(x, w, config=c) for w in weights[key]]) * 1e-6
+                    # every timed case is also checked: fp32 reference from the fp32 dequantization (the spec)
+                    rows.append(dict(meta, provider=provider, qtype=t, N=N, K=K, M=M, config=cfg_str(c),
+                                     time_us=tq * 1e6, gb_s=nbytes / tq / 1e9,
+                                     pct_hbm=100 * nbytes / tq / hbm if hbm else "", tflops=flops / tq / 1e12,
+                                     peer_time_us=t_peer * 1e6, speedup_vs_peer=t_peer / tq,
+                                     packed_mb=w.nbytes / 1e6,
+                                     rel_err=_rel_err(qmatmul_triton(x, w, config=c), x, w)))
             print(f"M={M:<5d} N={N:<6d} K={K:<6d} done  ({time.time() - t0:.0f} s)", flush=True)
     return rows
 

@@ -50,10 +50,13 @@ def compile_gemv(qtype: GGMLType, cfg: dict, m_pad: int, xdt: str):
               NB=max(1, cfg["BLOCK_K"] // geom.qk), UNROLL=cfg.get("UNROLL", 1), HAS_BIAS=False)
     types = dict(x_ptr=f"*{xdt}", w_ptr="*u8", y_ptr=f"*{xdt}", ws_ptr="*fp32", bias_ptr=f"*{xdt}",
                  lut_ptr="*fp32")
-    fn = _qgemv_kernel
-    sig = {n: ("constexpr" if n in cx else types.get(n, "i32")) for n in fn.arg_names}
     # what the launcher's runtime specialisation sees: 16-byte aligned pointers, K and row_bytes % 16 == 0
-    div16 = ["x_ptr", "w_ptr", "y_ptr", "ws_ptr", "bias_ptr", "lut_ptr", "K", "row_bytes"]
+    return _compile(_qgemv_kernel, cx, types, list(types) + ["K", "row_bytes"], cfg)
+
+
+def _compile(fn, cx: dict, types: dict, div16: list[str], cfg: dict):
+    """sm_90 compile of `fn`: constexprs cx, pointer types (other arguments i32), `div16` declared 16-divisible."""
+    sig = {n: ("constexpr" if n in cx else types.get(n, "i32")) for n in fn.arg_names}
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in div16}
     opts = make_backend(TARGET).parse_options({"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]})
     return triton.compile(ASTSource(fn, sig, cx, attrs), target=TARGET, options=opts.__dict__)
@@ -64,11 +67,7 @@ def compile_dp4a(qtype: GGMLType, cfg: dict, m_pad: int):
               HAS_BIAS=False, ASM=True)
     types = dict(xw_ptr="*i32", xd_ptr="*fp32", xs_ptr="*i32", w_ptr="*i16", y_ptr="*bf16", ws_ptr="*fp32",
                  bias_ptr="*bf16")
-    fn = _qgemv_dp4a_kernel
-    sig = {n: ("constexpr" if n in cx else types.get(n, "i32")) for n in fn.arg_names}
-    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in types}
-    opts = make_backend(TARGET).parse_options({"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]})
-    return triton.compile(ASTSource(fn, sig, cx, attrs), target=TARGET, options=opts.__dict__)
+    return _compile(_qgemv_dp4a_kernel, cx, types, list(types), cfg)
 
 
 def sass_loop(cubin: bytes) -> list[str] | None:
@@ -125,47 +124,43 @@ def main() -> int:
     if args.dp4a:
         return main_dp4a([int(m) for m in args.mpad.split(",")])
     print(f"triton {triton.__version__}, sm_90, x {args.xdtype}")
-    bad = 0
+    cases = []
     for tname in args.types.split(","):
         qtype = GGMLType[tname]
         for cfg in qcfg.GEMV_CONFIGS[GEOMETRY[qtype].qk]:
             for m_pad in (int(m) for m in args.mpad.split(",")):
                 tag = (f"{tname:<7}BN={cfg['BLOCK_N']:<2} BK={cfg['BLOCK_K']:<5} U={cfg.get('UNROLL', 1)} "
                        f"w={cfg['num_warps']} M_PAD={m_pad}")
-                # weights one thread handles per K-loop iteration: BLOCK_N rows x BLOCK_K x UNROLL over the warps
-                wpt = cfg["BLOCK_N"] * cfg["BLOCK_K"] * cfg.get("UNROLL", 1) / (32 * cfg["num_warps"])
-                try:
-                    f = facts(compile_gemv(qtype, cfg, m_pad, args.xdtype), wpt)
-                except Exception as e:      # report and go on: the summary counts it
-                    print(f"{tag}  FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
-                    bad += 1
-                    continue
-                bad += bool(f["spill"] or f["cvt_in_loop"])
-                print(f"{tag}  regs={f['regs']:<3} spill={f['spill']:<4} smem={f['smem']:<5} "
-                      f"cvt_in_loop={f['cvt_in_loop']} i2f={f['i2f']} sass/w={f['sass_w']:.2f} ({f['top']}) "
-                      f"{f['loads']}", flush=True)
-    print("ALL OK" if not bad else f"{bad} compile(s) failed, spilled or convert in the loop")
-    return 1 if bad else 0
+                cases.append((tag, lambda q=qtype, c=cfg, m=m_pad: compile_gemv(q, c, m, args.xdtype), cfg))
+    return sweep(cases, check_cvt=True)
 
 
 def main_dp4a(mpads: list[int]) -> int:
     print(f"triton {triton.__version__}, sm_90, dp4a GEMV, x int8")
+    cases = [(f"{q.name:<5}BN={c['BLOCK_N']:<2} BK={c['BLOCK_K']:<5} w={c['num_warps']} M_PAD={m}",
+              lambda q=q, c=c, m=m: compile_dp4a(q, c, m), c)
+             for q in qcfg.DP4A_TYPES for c in qcfg.DP4A_CONFIGS for m in mpads]
+    return sweep(cases, check_cvt=False)
+
+
+def sweep(cases, check_cvt: bool) -> int:
+    """Compile and report each (tag, compile thunk, cfg); exit status 1 if any failed, spilled or (check_cvt)
+    converted a layout inside the K loop."""
     bad = 0
-    for qtype in qcfg.DP4A_TYPES:
-        for cfg in qcfg.DP4A_CONFIGS:
-            for m_pad in mpads:
-                tag = f"{qtype.name:<5}BN={cfg['BLOCK_N']:<2} BK={cfg['BLOCK_K']:<5} w={cfg['num_warps']} M_PAD={m_pad}"
-                wpt = cfg["BLOCK_N"] * cfg["BLOCK_K"] / (32 * cfg["num_warps"])
-                try:
-                    f = facts(compile_dp4a(qtype, cfg, m_pad), wpt)
-                except Exception as e:
-                    print(f"{tag}  FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
-                    bad += 1
-                    continue
-                bad += bool(f["spill"])
-                print(f"{tag}  regs={f['regs']:<3} spill={f['spill']:<4} smem={f['smem']:<5} "
-                      f"sass/w={f['sass_w']:.2f} ({f['top']}) {f['loads']}", flush=True)
-    print("ALL OK" if not bad else f"{bad} compile(s) failed or spilled")
+    for tag, compile_fn, cfg in cases:
+        # weights one thread handles per K-loop iteration: BLOCK_N rows x BLOCK_K x UNROLL over the warps
+        wpt = cfg["BLOCK_N"] * cfg["BLOCK_K"] * cfg.get("UNROLL", 1) / (32 * cfg["num_warps"])
+        try:
+            f = facts(compile_fn(), wpt)
+        except Exception as e:      # report and go on: the summary counts it
+            print(f"{tag}  FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+            bad += 1
+            continue
+        bad += bool(f["spill"] or (check_cvt and f["cvt_in_loop"]))
+        cvt = f"cvt_in_loop={f['cvt_in_loop']} i2f={f['i2f']} " if check_cvt else ""
+        print(f"{tag}  regs={f['regs']:<3} spill={f['spill']:<4} smem={f['smem']:<5} {cvt}"
+              f"sass/w={f['sass_w']:.2f} ({f['top']}) {f['loads']}", flush=True)
+    print("ALL OK" if not bad else f"{bad} compile(s) failed, spilled or convert in the loop")
     return 1 if bad else 0
 
 

@@ -189,12 +189,9 @@ def qmatmul_triton(x: torch.Tensor, w: QTensor, bias: torch.Tensor | None = None
                   HAS_BIAS=has_bias and split == 1, num_warps=cfg.get("num_warps", 4),
                   num_stages=cfg.get("num_stages", 2))
     if cfg["regime"] == "dp4a":
-        _launch_dp4a(x2, w, y, ws, bias, cfg, M, N, K, interpret)
+        _launch_dp4a(x2, wdata, w.qtype, y, ws, bias, cfg, M, N, K, interpret)
     elif cfg["regime"] == "gemv":
-        if M > qcfg.GEMV_FORCE_MAX_M:
-            raise ValueError(f"qmatmul_triton: the GEMV regime takes M <= {qcfg.GEMV_FORCE_MAX_M}, got M={M}")
-        m_pad = 1 if M == 1 else 2 if M == 2 else qcfg.GEMV_M_CHUNK    # activation rows per program
-        n_mchunks = _cdiv(M, m_pad)
+        m_pad, n_mchunks = _m_chunks(M, "GEMV")
         grid = (n_mchunks * _cdiv(N, cfg["BLOCK_N"]), split)
         _qgemv_kernel[grid](*common, n_mchunks, M_PAD=m_pad, UNROLL=cfg["UNROLL"], **launch)
     elif cfg["regime"] == "gemm":
@@ -221,22 +218,26 @@ def _quantize_x(x2: torch.Tensor, interpret: bool):
     return xq, xd, xs
 
 
-def _launch_dp4a(x2, w, y, ws, bias, cfg, M, N, K, interpret: bool) -> None:
-    if w.qtype not in qcfg.DP4A_TYPES:
-        raise ValueError(f"qmatmul_triton: the dp4a regime takes {', '.join(t.name for t in qcfg.DP4A_TYPES)} "
-                         f"weights, got {w.qtype.name}")
+def _m_chunks(M: int, regime: str) -> tuple[int, int]:
+    """GEMV-style kernels (float GEMV, dp4a): activation rows per program (M_PAD) and the number of M chunks."""
     if M > qcfg.GEMV_FORCE_MAX_M:
-        raise ValueError(f"qmatmul_triton: the dp4a regime takes M <= {qcfg.GEMV_FORCE_MAX_M}, got M={M}")
-    xq, xd, xs = _quantize_x(x2, interpret)
-    wdata = w.data.contiguous()
+        raise ValueError(f"qmatmul_triton: the {regime} regime takes M <= {qcfg.GEMV_FORCE_MAX_M}, got M={M}")
     m_pad = 1 if M == 1 else 2 if M == 2 else qcfg.GEMV_M_CHUNK
-    n_mchunks = _cdiv(M, m_pad)
+    return m_pad, _cdiv(M, m_pad)
+
+
+def _launch_dp4a(x2, wdata, qtype, y, ws, bias, cfg, M, N, K, interpret: bool) -> None:
+    if qtype not in qcfg.DP4A_TYPES:
+        raise ValueError(f"qmatmul_triton: the dp4a regime takes {', '.join(t.name for t in qcfg.DP4A_TYPES)} "
+                         f"weights, got {qtype.name}")
+    m_pad, n_mchunks = _m_chunks(M, "dp4a")
+    xq, xd, xs = _quantize_x(x2, interpret)
     split = cfg["SPLIT_K"]
     grid = (n_mchunks * _cdiv(N, cfg["BLOCK_N"]), split)
     has_bias = bias is not None
     _qgemv_dp4a_kernel[grid](xq.view(torch.int32), xd, xs, wdata.view(torch.int16), y, ws,
                              bias if has_bias else y, M, N, wdata.shape[1] // 2, K // 32, cfg["iters"], split,
-                             n_mchunks, IS_Q4=w.qtype == GGMLType.Q4_0, M_PAD=m_pad, BLOCK_N=cfg["BLOCK_N"],
+                             n_mchunks, IS_Q4=qtype == GGMLType.Q4_0, M_PAD=m_pad, BLOCK_N=cfg["BLOCK_N"],
                              NB=cfg["NB"], HAS_BIAS=has_bias and split == 1, ASM=not interpret,
                              num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 1))
 
