@@ -5,7 +5,7 @@
 The head stride of q / k / v / out is head_dim for the usual [tokens, heads, head_dim] layouts, so Triton's
 divisibility-by-16 specialisation holds for 64 / 80 / 96 / 128 / 256 but not for 72 (SigLIP): each head dim is
 compiled with the head strides as plain runtime ints unless divisible by 16, with ALIGN as
-kernels.attention.alignment_hint sets it for aligned contiguous tensors. Prints the global load widths, the
+vlm_kernels.attention.alignment_hint sets it for aligned contiguous tensors. Prints the global load widths, the
 number of cp.async copies (the K/V pipeline) and the SASS length of the longest loop (nvdisasm). Exit status 1 if
 a head dim loads with scalar (b16) loads or has no cp.async pipeline.
 """
@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import triton  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
 
-from kernels.attention import _attn_fwd_kernel, head_dim_p2  # noqa: E402
+from vlm_kernels.attention import _attn_fwd_kernel, head_dim_p2  # noqa: E402
 from qmatmul_aot import TARGET, sass_loop  # noqa: E402
 
 CONFIG = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)

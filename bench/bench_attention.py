@@ -36,8 +36,8 @@ sys.path.insert(0, ROOT)
 import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 
-from kernels.attention import attention_triton  # noqa: E402
-from kernels.decode_attention import decode_attention_triton  # noqa: E402
+from vlm_kernels.attention import attention_triton  # noqa: E402
+from vlm_kernels.decode_attention import decode_attention_triton  # noqa: E402
 from _common import append_csv, git_sha, gpu_warmup, pyplot  # noqa: E402
 
 # (name substring, HBM bytes/s, dense bf16 FLOP/s); first match wins.

@@ -21,7 +21,7 @@ chunk, far from any FLOP or HBM roof, so no roofline % is reported.
 Results: <out>/audio.csv (appended, part=logmel) and <out>/audio_logmel.png.
 
 Encoder section (--part encoder|all): the Whisper encoder (vlm.encoders.whisper, bare tower: conv stem, pre-LN
-blocks with one varlen kernels.attention call per layer over all chunks, final LN) vs transformers' WhisperEncoder
+blocks with one varlen vlm_kernels.attention call per layer over all chunks, final LN) vs transformers' WhisperEncoder
 (sdpa attention) with the SAME random weights, on the same log-mel chunks (3 rotating input sets):
   base      Whisper base shape      d 512, 6 layers, 8 heads, ffn 2048, 80 mels
   large-v3  Whisper large-v3 shape  d 1280, 32 layers, 20 heads, ffn 5120, 128 mels   (CUDA only)

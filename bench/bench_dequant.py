@@ -1,4 +1,4 @@
-"""Dequantize throughput per GGUF type: kernels.quant.dequantize (torch) vs gguf.quants.dequantize (numpy).
+"""Dequantize throughput per GGUF type: vlm_kernels.quant.dequantize (torch) vs gguf.quants.dequantize (numpy).
 
     python bench/bench_dequant.py [--out DIR] [--quick] [--device cpu|cuda]
 
@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 
 from gguf import quants as gq  # noqa: E402
 
-from kernels.quant import SUPPORTED_TYPES, GGMLType, block_info, dequantize, row_bytes  # noqa: E402
+from vlm_kernels.quant import SUPPORTED_TYPES, GGMLType, block_info, dequantize, row_bytes  # noqa: E402
 from _common import append_csv, git_sha, pyplot  # noqa: E402
 
 ROOFLINE_GBPS = {"H100": 3350.0, "H200": 4800.0}  # HBM bandwidth (SXM parts)

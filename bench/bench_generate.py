@@ -76,7 +76,7 @@ def write_synthetic_gemma(path: Path) -> Path:
     import torch
     from gguf import GGUFValue, GGUFValueType as VT
 
-    from kernels.quant import GGMLType, QTensor, block_info
+    from vlm_kernels.quant import GGMLType, QTensor, block_info
     from vlm.gguf import write_gguf
 
     n_layer, n_embd, n_ff, n_head, n_kv, hd, n_vocab = 18, 640, 2048, 4, 1, 256, 262144

@@ -31,8 +31,8 @@ sys.path.insert(0, ROOT)
 
 import torch.nn.functional as F  # noqa: E402
 
-from kernels.norm import layer_norm_triton, rms_norm_triton  # noqa: E402
-from kernels.rope import rope_triton  # noqa: E402
+from vlm_kernels.norm import layer_norm_triton, rms_norm_triton  # noqa: E402
+from vlm_kernels.rope import rope_triton  # noqa: E402
 from _common import append_csv, git_sha, gpu_warmup, pyplot, timeit  # noqa: E402
 
 DEVICES = [("H200", 4.8e12), ("H100", 3.35e12)]   # HBM bytes/s by device-name substring

@@ -4,7 +4,7 @@
     python bench/bench_patch_embed.py [--out DIR] [--quick]
 
 Providers (bf16 weights; fp32 pixels as HF processors produce them):
-  triton        kernels.patch_embed_triton(pixels, W, b, pos)           (one kernel, no im2col tensor)
+  triton        vlm_kernels.patch_embed_triton(pixels, W, b, pos)           (one kernel, no im2col tensor)
   unfold_linear pixels.to(bf16) -> unfold -> F.linear(+b) -> + pos      (vLLM's conv-as-linear path)
   conv          pixels.to(bf16) -> F.conv2d / F.conv3d -> flatten + pos (HF; cuDNN)
   GEMM part at equal shapes, pre-flattened bf16 A [M, K]: triton (flat form) vs torch.matmul(A, W^T).
@@ -36,7 +36,7 @@ sys.path.insert(0, ROOT)
 
 import torch.nn.functional as F  # noqa: E402
 
-from kernels.patch_embed import patch_embed_triton  # noqa: E402
+from vlm_kernels.patch_embed import patch_embed_triton  # noqa: E402
 from _common import append_csv, git_sha, gpu_warmup, pyplot, timeit  # noqa: E402
 
 # (name, peak bf16 dense FLOP/s, HBM bytes/s), matched by substring of the device name

@@ -1,4 +1,4 @@
-"""Microbenchmark of kernels.qmatmul: fused GGUF dequant matmul vs bf16 torch.matmul on LLM layer shapes.
+"""Microbenchmark of vlm_kernels.qmatmul: fused GGUF dequant matmul vs bf16 torch.matmul on LLM layer shapes.
 
     python bench/bench_qmatmul.py [--out DIR] [--quick] [--budget-s S]       # GPU sweep (or CPU sweep)
     python bench/bench_qmatmul.py --tune [--types Q4_0,Q4_K] [--tune-ms 1,4,16,256]  # write tuned winners JSON
@@ -33,10 +33,10 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from kernels import qmatmul_configs as qcfg  # noqa: E402
-from kernels._qblocks import GEOMETRY  # noqa: E402
-from kernels.qmatmul import dequant_cache, dequantize_triton, qmatmul_torch, qmatmul_triton  # noqa: E402
-from kernels.quant import GGMLType, QTensor  # noqa: E402
+from vlm_kernels import qmatmul_configs as qcfg  # noqa: E402
+from vlm_kernels._qblocks import GEOMETRY  # noqa: E402
+from vlm_kernels.qmatmul import dequant_cache, dequantize_triton, qmatmul_torch, qmatmul_triton  # noqa: E402
+from vlm_kernels.quant import GGMLType, QTensor  # noqa: E402
 from _common import append_csv, git_sha, gpu_warmup, graph_time_us, n_copies  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (896, 4864), (640, 2048)]   # (N, K)
@@ -380,7 +380,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tune", action="store_true", help="sweep the config lists and write the winners JSON")
     ap.add_argument("--tune-ms", default="1,4,16,64,256,1024")
     ap.add_argument("--tune-buckets", default="", help="only these buckets (e.g. dp4a,gemv,m16; default all)")
-    ap.add_argument("--tune-out", default="", help="JSON path (default kernels/configs/qmatmul_<gpu>.json)")
+    ap.add_argument("--tune-out", default="", help="JSON path (default vlm_kernels/configs/qmatmul_<gpu>.json)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

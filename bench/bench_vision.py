@@ -18,7 +18,7 @@ layer (qwen25: 2, one windowed + one full), widths and image sizes real; on CUDA
 Measured per case (CUDA: triton.testing.do_bench median over rotating input buffers; CPU: median of a few calls):
   encode     ours: enc.encode(pixels already on the device); hf: tower + projector on the same tensors.
              ms, images/s, TFLOP/s and % of the bf16 dense peak (989 TFLOP/s H100/H200 SXM), ratio ours/hf.
-  patch      kernels.patch_embed alone on the same pixels/weights, and its share of our encode time.
+  patch      vlm_kernels.patch_embed alone on the same pixels/weights, and its share of our encode time.
   preprocess ours: vlm.preprocess batch helper (preprocess_batch, thread pool) at the largest --threads count,
              hf: the transformers *ImageProcessorPil on the same uint8 arrays (one call on the list).
              Thread scaling (1, 2, 4 threads) on the largest case of each model.
@@ -42,7 +42,7 @@ sys.path.insert(0, ROOT)
 
 import gguf  # noqa: E402
 
-import kernels  # noqa: E402
+import vlm_kernels  # noqa: E402
 from vlm.encoders import load_mmproj  # noqa: E402
 from vlm.gguf import write_gguf  # noqa: E402
 from vlm.preprocess import image as P  # noqa: E402
@@ -373,7 +373,7 @@ def bench_model(name: str, quick: bool, threads: list[int], tmp: str) -> list[di
             pe_in = [torch.cat([p for p, _ in b]) for b in ours_in]
 
             def pe_fn(x):
-                return kernels.patch_embed(x, pe_w)
+                return vlm_kernels.patch_embed(x, pe_w)
         else:
             grids = [(1, spec["image"] // 14, spec["image"] // 14)] * n_img
 
@@ -383,7 +383,7 @@ def bench_model(name: str, quick: bool, threads: list[int], tmp: str) -> list[di
             pe_in = ours_in
 
             def pe_fn(x):
-                return kernels.patch_embed(x, w["v.patch_embd.weight"], w.get("v.patch_embd.bias"),
+                return vlm_kernels.patch_embed(x, w["v.patch_embd.weight"], w.get("v.patch_embd.bias"),
                                            enc.tower.pos_patches)
 
         def hf_fn(x):

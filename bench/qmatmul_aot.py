@@ -1,7 +1,7 @@
 """Offline (no GPU) sm_90 compile of the qmatmul GEMV for every type x GEMV candidate x M chunk size.
 
     python bench/qmatmul_aot.py [--types Q4_0,Q4_K] [--mpad 1,4] [--xdtype bf16]
-    python bench/qmatmul_aot.py --dp4a [--mpad 1,4]          # the int8-x GEMV (kernels/qmatmul_dp4a.py)
+    python bench/qmatmul_aot.py --dp4a [--mpad 1,4]          # the int8-x GEMV (vlm_kernels/qmatmul_dp4a.py)
 
 Prints per compile: registers and spill bytes (ptxas -v from Triton's bundled CUDA tools), shared memory, and
 the number of `ttg.convert_layout` ops inside the K loop (each a shared-memory round trip + barrier), plus the
@@ -31,11 +31,11 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
 
-from kernels import qmatmul_configs as qcfg  # noqa: E402
-from kernels._qblocks import GEOMETRY  # noqa: E402
-from kernels.qmatmul_dp4a import _qgemv_dp4a_kernel  # noqa: E402
-from kernels.qmatmul_kernels import _qgemv_kernel  # noqa: E402
-from kernels.quant import GGMLType  # noqa: E402
+from vlm_kernels import qmatmul_configs as qcfg  # noqa: E402
+from vlm_kernels._qblocks import GEOMETRY  # noqa: E402
+from vlm_kernels.qmatmul_dp4a import _qgemv_dp4a_kernel  # noqa: E402
+from vlm_kernels.qmatmul_kernels import _qgemv_kernel  # noqa: E402
+from vlm_kernels.quant import GGMLType  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 _BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"

@@ -39,7 +39,7 @@ fi
 if [ -n "${QMM_TUNE_S:-}" ]; then
   gpu=$(python3 -c "import torch,re; print(re.sub(r'[^a-z0-9]+','_',torch.cuda.get_device_name().lower()).strip('_'))")
   export VLM_QMATMUL_CONFIGS="$OUT/results/qmatmul_$gpu.json"
-  [ -f "kernels/configs/qmatmul_$gpu.json" ] && cp "kernels/configs/qmatmul_$gpu.json" "$VLM_QMATMUL_CONFIGS"
+  [ -f "vlm_kernels/configs/qmatmul_$gpu.json" ] && cp "vlm_kernels/configs/qmatmul_$gpu.json" "$VLM_QMATMUL_CONFIGS"
   run qmatmul_tune $(( QMM_TUNE_S + 15 )) python3 bench/bench_qmatmul.py --tune --quick --types "${QMM_TUNE_TYPES:-Q4_0,Q4_K}" \
       --tune-ms "${QMM_TUNE_MS:-1,4,16}" --tune-buckets "${QMM_TUNE_BUCKETS:-}" --budget-s "$QMM_TUNE_S" --tune-out "$VLM_QMATMUL_CONFIGS"
   [ -f "$VLM_QMATMUL_CONFIGS" ] || unset VLM_QMATMUL_CONFIGS

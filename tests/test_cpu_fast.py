@@ -1,4 +1,4 @@
-"""kernels.cpu_fast: the torch implementations the dispatcher runs off-Triton, held to the `*_ref` specs.
+"""vlm_kernels.cpu_fast: the torch implementations the dispatcher runs off-Triton, held to the `*_ref` specs.
 
 Every variant each reference supports (GQA, sliding window, softcap, varlen, residual, offsets, partial and
 M-RoPE / vision RoPE, several new decode tokens, empty sequences) and the same input errors.
@@ -6,13 +6,13 @@ M-RoPE / vision RoPE, several new decode tokens, empty sequences) and the same i
 import pytest
 import torch
 
-import kernels
-from kernels import _dispatch
-from kernels import cpu_fast as fast
-from kernels.attention import attention_ref
-from kernels.decode_attention import decode_attention_ref
-from kernels.norm import layer_norm_ref, rms_norm_ref
-from kernels.rope import rope_ref
+import vlm_kernels
+from vlm_kernels import _dispatch
+from vlm_kernels import cpu_fast as fast
+from vlm_kernels.attention import attention_ref
+from vlm_kernels.decode_attention import decode_attention_ref
+from vlm_kernels.norm import layer_norm_ref, rms_norm_ref
+from vlm_kernels.rope import rope_ref
 
 # Max abs error / max |ref| (architecture.md table). Both sides compute in fp32 on the CPU; for fp16/bf16 outputs
 # they may differ by one rounding of the output dtype (fp16 ulp 2^-10 ~ 1e-3, bf16 2^-7 ~ 8e-3).
@@ -233,7 +233,7 @@ def test_dispatch_runs_the_fast_path_and_explain_names_the_spec(monkeypatch):
 
     monkeypatch.setattr(fast, "rms_norm_torch", spy)
     x, w = randn(3, 64), randn(64, seed=1)
-    close(kernels.rms_norm(x, w, 1e-6), rms_norm_ref(x, w, 1e-6))
+    close(vlm_kernels.rms_norm(x, w, 1e-6), rms_norm_ref(x, w, 1e-6))
     assert called.get("fast")
-    text = kernels.explain()
-    assert "kernels.cpu_fast:rms_norm_torch" in text and "spec: kernels.norm:rms_norm_ref" in text
+    text = vlm_kernels.explain()
+    assert "vlm_kernels.cpu_fast:rms_norm_torch" in text and "spec: vlm_kernels.norm:rms_norm_ref" in text

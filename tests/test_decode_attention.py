@@ -1,4 +1,4 @@
-"""kernels.decode_attention: Triton (interpreter on CPU, compiled on CUDA) against the SDPA reference.
+"""vlm_kernels.decode_attention: Triton (interpreter on CPU, compiled on CUDA) against the SDPA reference.
 
 Ragged seq_lens (0, 1, odd, full cache), GQA groups, several new tokens, sliding window, softcap, forced and
 automatic KV splits; cross-checked against the prefill kernel on the same tokens.
@@ -8,8 +8,8 @@ import importlib
 import pytest
 import torch
 
-from kernels.attention import attention_triton
-from kernels.decode_attention import (MIN_SPLIT_TOKENS, choose_splits, ctx_bucket, decode_attention_ref,
+from vlm_kernels.attention import attention_triton
+from vlm_kernels.decode_attention import (MIN_SPLIT_TOKENS, choose_splits, ctx_bucket, decode_attention_ref,
                                       decode_attention_triton)
 
 # Max abs error / max |ref| (architecture.md tolerance table).
@@ -154,15 +154,15 @@ def test_bad_input(device, fn):
 
 def test_public_op_dispatches_to_triton(device, monkeypatch):
     monkeypatch.setenv("VLM_KERNELS", "triton")
-    kernels = importlib.import_module("kernels")
+    vlm_kernels = importlib.import_module("vlm_kernels")
     q, kc, vc = make(2, 40, 1, 4, 2, 64, torch.float32, device)
     sl = torch.tensor([40, 7], dtype=torch.int32, device=device)
-    out = kernels.decode_attention(q, kc, vc, sl, logit_softcap=5.0)
+    out = vlm_kernels.decode_attention(q, kc, vc, sl, logit_softcap=5.0)
     assert rel_err(out, decode_attention_ref(q, kc, vc, sl, logit_softcap=5.0)) <= TOL[torch.float32]
 
 
 def test_autotune_prune_respects_smem():
-    from kernels.decode_attention import _DECODE_CONFIGS, _prune_decode, decode_configs
+    from vlm_kernels.decode_attention import _DECODE_CONFIGS, _prune_decode, decode_configs
     import triton
     configs = [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s) for bn, w, s in _DECODE_CONFIGS]
     q = torch.zeros(1, dtype=torch.bfloat16)

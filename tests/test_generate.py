@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from oracles import need
 import hf_tiny
 import vlm
 from vlm.cli import main as cli_main
@@ -225,7 +226,7 @@ def test_generation_continues_from_a_cache_filled_by_the_caller(gemma):
 
 def test_load_with_mmproj_checks_width(tmp_path):
     """load(text, mmproj=...) builds the encoder named by clip.projector_type and refuses a width mismatch."""
-    pytest.importorskip("sentencepiece")
+    need("sentencepiece")
     from tiny_gguf import write_tiny
     from vlm.convert.mmproj import convert_mmproj
     d = hf_tiny.make_tiny_gemma3(tmp_path / "g3", conditional=True)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from kernels.quant import GGMLType, QTensor
+from vlm_kernels.quant import GGMLType, QTensor
 from vlm.gguf import GGUFError, GGUFFile, StringArray, write_gguf
 
 MAX_EXAMPLES = 200

@@ -2,7 +2,7 @@
 
 Attention oracle: a per-query loop that builds the visible key set from first principles (causal by cell,
 sliding window of W most recent cells, non-causal chunk = bidirectional within the chunk + window for older
-context, cross = everything), then softmax(q·k·scale)·v. It shares no code with kernels/ or vlm/.
+context, cross = everything), then softmax(q·k·scale)·v. It shares no code with vlm_kernels/ or vlm/.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.quant import GGMLType, QTensor, quantize
+from vlm_kernels.quant import GGMLType, QTensor, quantize
 from vlm.batch import Batch
 from vlm.config import TextConfig
 from vlm.graph import GraphBuilder

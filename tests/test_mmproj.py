@@ -100,16 +100,16 @@ def test_embeddings_match_hf_triton(tiny, name, device, monkeypatch):
 
 def test_one_varlen_attention_call_per_layer(tiny, monkeypatch):
     """All images of a request share each layer's attention call; cu_seqlens separate them."""
-    import kernels
+    import vlm_kernels
     _, path, _ = tiny("gemma3")
     enc = load_mmproj(path, device="cpu", dtype=torch.float32)
-    calls, real = [], kernels._call     # what the public kernels.<op> functions dispatch through
+    calls, real = [], vlm_kernels._call     # what the public vlm_kernels.<op> functions dispatch through
 
     def spy(name, *args, **kw):
         if name == "attention":
             calls.append((args[0].shape[0], kw["causal"], kw["cu_seqlens_q"].tolist()))
         return real(name, *args, **kw)
-    monkeypatch.setattr(kernels, "_call", spy)
+    monkeypatch.setattr(vlm_kernels, "_call", spy)
     enc.encode(_pixels(3, 64))
     n = enc.config.n_patches_side ** 2
     assert calls == [(3 * n, False, [0, n, 2 * n, 3 * n])] * enc.config.n_layer

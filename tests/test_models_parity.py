@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from oracles import need
 import hf_tiny
 from vlm.batch import Batch
 from vlm.convert.hf_to_gguf import convert
@@ -194,7 +195,7 @@ def test_triton_kernels_under_interpreter(tiny, arch, monkeypatch):
 
 
 def test_triton_qmatmul_path_on_quantized_gguf(tiny, monkeypatch):
-    """q8_0 weights go through kernels.qmatmul: Triton (interpreter) vs torch path on the same file."""
+    """q8_0 weights go through vlm_kernels.qmatmul: Triton (interpreter) vs torch path on the same file."""
     _, model, _ = tiny("qwen2", "q8_0")
     assert type(model.weights["blk.0.attn_q.weight"]).__name__ == "QTensor"
     ids = _ids(3, model.config.n_vocab, seed=4)
@@ -243,7 +244,7 @@ def test_missing_tensors_are_named(tiny, tmp_path):
 def test_gpu_bf16_logits_and_decode(tiny, arch):
     """CUDA, bf16 compute (Triton kernels): prompt and decode-step logits vs HF fp32."""
     if arch != "qwen2":
-        pytest.importorskip("sentencepiece")   # the tiny llama / gemma3 tokenizers are trained with it
+        need("sentencepiece")   # the tiny llama / gemma3 tokenizers are trained with it
     hf, _, path = tiny(arch)
     f = GGUFFile(path)
     model = text_model_class(f.arch).from_gguf(f, device="cuda", dtype=torch.bfloat16)

@@ -1,10 +1,10 @@
-"""RMSNorm / LayerNorm Triton kernels (interpreter on CPU) against torch, HF modules and kernels.norm refs."""
+"""RMSNorm / LayerNorm Triton kernels (interpreter on CPU) against torch, HF modules and vlm_kernels.norm refs."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.norm import layer_norm_ref, layer_norm_triton, rms_norm_ref, rms_norm_triton
-import kernels.norm as norm_mod
+from vlm_kernels.norm import layer_norm_ref, layer_norm_triton, rms_norm_ref, rms_norm_triton
+import vlm_kernels.norm as norm_mod
 
 # max |err| / max |ref| (docs: /work/shared/design/architecture.md tolerance table)
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
@@ -18,7 +18,7 @@ def rel_err(got, ref):
 
 
 def oracle_rms(x, w, eps, offset=0.0):
-    """RMSNorm in float64 (independent of kernels.norm), cast to x's dtype."""
+    """RMSNorm in float64 (independent of vlm_kernels.norm), cast to x's dtype."""
     xd = x.double()
     y = xd / torch.sqrt(xd.pow(2).mean(-1, keepdim=True) + eps)
     if w is not None:
@@ -175,10 +175,10 @@ def test_bad_input_errors():
 
 @pytest.mark.parametrize("impl", ["triton", "torch"])
 def test_public_ops_dispatch(monkeypatch, impl):
-    """kernels.rms_norm / kernels.layer_norm reach these implementations with the same results."""
-    import kernels
+    """vlm_kernels.rms_norm / vlm_kernels.layer_norm reach these implementations with the same results."""
+    import vlm_kernels
     monkeypatch.setenv("VLM_KERNELS", impl)
     x, r, w = torch.randn(3, 640), torch.randn(3, 640), torch.randn(640)
-    y, h = kernels.rms_norm(x, w, 1e-6, offset=1.0, residual=r)
+    y, h = vlm_kernels.rms_norm(x, w, 1e-6, offset=1.0, residual=r)
     assert torch.equal(h, x + r) and rel_err(y, oracle_rms(x + r, w, 1e-6, 1.0)) < 1e-5
-    assert rel_err(kernels.layer_norm(x, w, None, 1e-5), F.layer_norm(x.double(), (640,), w.double())) < 1e-5
+    assert rel_err(vlm_kernels.layer_norm(x, w, None, 1e-5), F.layer_norm(x.double(), (640,), w.double())) < 1e-5

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.norm import layer_norm_triton, rms_norm_ref, rms_norm_triton
-from kernels.rope import rope_ref, rope_triton
+from vlm_kernels.norm import layer_norm_triton, rms_norm_ref, rms_norm_triton
+from vlm_kernels.rope import rope_ref, rope_triton
 
 pytestmark = pytest.mark.gpu
 

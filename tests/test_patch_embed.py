@@ -1,12 +1,12 @@
 """Patch-embedding Triton kernel (interpreter on CPU) against F.conv2d/F.conv3d references and HF modules.
 
-Oracle = kernels.patch_embed.patch_embed_ref run with fp32 weights (for fp16 kernels too: "fp16 inputs,
+Oracle = vlm_kernels.patch_embed.patch_embed_ref run with fp32 weights (for fp16 kernels too: "fp16 inputs,
 fp32 accumulation" is compared with the fp32 computation).
 """
 import pytest
 import torch
 
-from kernels.patch_embed import patch_embed_ref, patch_embed_triton
+from vlm_kernels.patch_embed import patch_embed_ref, patch_embed_triton
 
 # max |err| / max |ref| (docs: /work/shared/design/architecture.md tolerance table)
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
@@ -179,9 +179,9 @@ def test_bad_input_errors():
 
 @pytest.mark.parametrize("impl", ["triton", "torch"])
 def test_public_op_dispatch(monkeypatch, impl):
-    import kernels
+    import vlm_kernels
     monkeypatch.setenv("VLM_KERNELS", impl)
     w, b, g = make(32, 3, (14, 14), torch.float32, seed=9)
     raw = torch.randint(0, 256, (1, 3, 28, 42), generator=g, dtype=torch.uint8)
-    y = kernels.patch_embed(raw, w, b, None, mean=CLIP_MEAN, std=CLIP_STD)
+    y = vlm_kernels.patch_embed(raw, w, b, None, mean=CLIP_MEAN, std=CLIP_STD)
     assert rel_err(y, patch_embed_ref(raw, w, b, mean=CLIP_MEAN, std=CLIP_STD)) < 1e-5

@@ -9,9 +9,9 @@ import importlib
 import pytest
 import torch
 
-from kernels.patch_embed import patch_embed_ref, patch_embed_triton
+from vlm_kernels.patch_embed import patch_embed_ref, patch_embed_triton
 
-pe_mod = importlib.import_module("kernels.patch_embed")   # `kernels.patch_embed` itself is the public op
+pe_mod = importlib.import_module("vlm_kernels.patch_embed")   # `vlm_kernels.patch_embed` itself is the public op
 pytestmark = pytest.mark.gpu
 
 # max |err| / max |ref| (docs: /work/shared/design/architecture.md tolerance table)

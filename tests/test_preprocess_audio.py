@@ -20,10 +20,11 @@ import pytest
 import soundfile as sf
 import torch
 
+from oracles import need
 from vlm.preprocess.audio import (CHUNK_FRAMES, CHUNK_SAMPLES, AudioError, audio_to_log_mel, decode_pcm, load_audio,
                                   log_mel_spectrogram, mel_filterbank, n_audio_chunks, pcm_to_float, to_mono)
 
-transformers = pytest.importorskip("transformers")
+transformers = need("transformers")
 from transformers import WhisperFeatureExtractor  # noqa: E402
 from transformers.audio_utils import mel_filter_bank  # noqa: E402
 

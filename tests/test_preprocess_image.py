@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from oracles import missing, need
 from vlm.preprocess import image as I
 from vlm.preprocess import tiling as T
 from vlm.preprocess.image import ImageError, ImageTooLargeError
@@ -27,14 +28,14 @@ F32 = np.float32
 
 def hf_processor(name: str, **kwargs):
     """transformers 5.x PIL-backend processor (no torchvision needed), else the plain class (older releases)."""
-    transformers = pytest.importorskip("transformers")
+    transformers = need("transformers")
     cls = getattr(transformers, name + "Pil", None) or getattr(transformers, name, None)
     if cls is None:
-        pytest.skip(f"transformers {transformers.__version__} has no {name}")
+        missing(f"transformers {transformers.__version__} has no {name}")
     try:
         return cls(**kwargs)
     except ImportError as e:  # e.g. a torchvision-only class in some release
-        pytest.skip(f"{cls.__name__} unavailable: {e}")
+        missing(f"{cls.__name__} unavailable: {e}")
 
 
 def hf_pixels(proc, image, **kwargs) -> np.ndarray:
@@ -183,7 +184,7 @@ def encode(pil: Image.Image, fmt: str, **kw) -> bytes:
                                       ("CMYK", "JPEG"), ("L", "JPEG"), ("RGBA", "WEBP"), ("P", "GIF"),
                                       ("CMYK", "TIFF"), ("F", "TIFF"), ("1", "BMP")])
 def test_files_match_hf_load_image_and_processor(tmp_path, name, fmt):
-    load_image = pytest.importorskip("transformers.image_utils").load_image
+    load_image = need("transformers.image_utils").load_image
     path = tmp_path / f"img.{fmt.lower()}"
     path.write_bytes(encode(MODE_IMAGES[name], fmt))
     # HF load_image (paths, chat templates): exif_transpose + convert("RGB"), alpha dropped
@@ -195,7 +196,7 @@ def test_files_match_hf_load_image_and_processor(tmp_path, name, fmt):
 
 
 def test_exif_orientation(tmp_path):
-    load_image = pytest.importorskip("transformers.image_utils").load_image
+    load_image = need("transformers.image_utils").load_image
     a = make_rgb(20, 50, 12)
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 CW on display

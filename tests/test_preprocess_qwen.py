@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from oracles import missing, need
 from vlm.preprocess import qwen_image as Q
 from vlm.preprocess.image import ImageError
 
@@ -21,22 +22,22 @@ SIZES = [(1, 1), (17, 403), (640, 37), (333, 333), (10, 1000), (3, 590), (1500, 
 
 
 def hf_processor(**kwargs):
-    transformers = pytest.importorskip("transformers")
+    transformers = need("transformers")
     cls = getattr(transformers, "Qwen2VLImageProcessorPil", None) or getattr(transformers, "Qwen2VLImageProcessor")
     try:
         return cls(**kwargs)
     except ImportError as e:  # e.g. a torchvision-only class in some release
-        pytest.skip(f"{cls.__name__} unavailable: {e}")
+        missing(f"{cls.__name__} unavailable: {e}")
 
 
 def hf_smart_resize():
-    pytest.importorskip("transformers")
+    need("transformers")
     for name in ("image_processing_pil_qwen2_vl", "image_processing_qwen2_vl"):  # 5.x PIL backend, then older
         try:
             return __import__(f"transformers.models.qwen2_vl.{name}", fromlist=["smart_resize"]).smart_resize
         except ImportError:
             continue
-    pytest.skip("transformers has no importable Qwen2-VL smart_resize")
+    missing("transformers has no importable Qwen2-VL smart_resize")
 
 
 def make_rgb(h: int, w: int, seed: int = 0) -> np.ndarray:

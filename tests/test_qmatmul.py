@@ -9,12 +9,12 @@ import torch
 from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
 
-import kernels
-from kernels import qmatmul_configs as qcfg
-from kernels._qblocks import GEOMETRY, SUPPORTED
-from kernels.qmatmul import (dequant_cache, dequantize_triton, qmatmul_dp4a_ref, qmatmul_ref, qmatmul_torch,
+import vlm_kernels
+from vlm_kernels import qmatmul_configs as qcfg
+from vlm_kernels._qblocks import GEOMETRY, SUPPORTED
+from vlm_kernels.qmatmul import (dequant_cache, dequantize_triton, qmatmul_dp4a_ref, qmatmul_ref, qmatmul_torch,
                              qmatmul_triton)
-from kernels.quant import GGMLType, QTensor, block_info
+from vlm_kernels.quant import GGMLType, QTensor, block_info
 
 # max |y - ref| / max |ref|, per activation dtype (architecture.md tolerance table)
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
@@ -220,7 +220,7 @@ def test_ref_and_torch_path_against_gguf(qtype, monkeypatch):
     assert_close(qmatmul_torch(x, w, bias), ref, torch.float32, "torch cached")
     monkeypatch.setenv("VLM_QMATMUL_CACHE_MB", "0")
     dequant_cache.clear()
-    monkeypatch.setattr(sys.modules["kernels.qmatmul"], "_CHUNK_ELEMS", 5 * K)        # 4 chunks, the last one short
+    monkeypatch.setattr(sys.modules["vlm_kernels.qmatmul"], "_CHUNK_ELEMS", 5 * K)        # 4 chunks, the last one short
     assert_close(qmatmul_torch(x, w, bias), ref, torch.float32, "torch chunked")
     xh = x.half()
     assert_close(qmatmul_torch(xh, w), qmatmul_ref(xh, w), torch.float16, "torch fp16")
@@ -253,9 +253,9 @@ def test_public_op_dispatch(monkeypatch, device):
     x = torch.randn(3, 256, device=device)
     ref = qmatmul_ref(x, w)
     monkeypatch.setenv("VLM_KERNELS", "torch")
-    assert_close(kernels.qmatmul(x, w), ref, torch.float32)
+    assert_close(vlm_kernels.qmatmul(x, w), ref, torch.float32)
     monkeypatch.setenv("VLM_KERNELS", "triton")
-    assert_close(kernels.qmatmul(x, w), ref, torch.float32)
+    assert_close(vlm_kernels.qmatmul(x, w), ref, torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------------------

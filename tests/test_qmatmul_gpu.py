@@ -7,10 +7,10 @@ import pytest
 import torch
 from test_qmatmul import assert_close, make_qtensor  # shared weight maker and tolerance table
 
-from kernels import qmatmul_configs as qcfg
-from kernels._qblocks import GEOMETRY, SUPPORTED
-from kernels.qmatmul import dequant_cache, qmatmul_dp4a_ref, qmatmul_ref, qmatmul_torch, qmatmul_triton
-from kernels.quant import GGMLType
+from vlm_kernels import qmatmul_configs as qcfg
+from vlm_kernels._qblocks import GEOMETRY, SUPPORTED
+from vlm_kernels.qmatmul import dequant_cache, qmatmul_dp4a_ref, qmatmul_ref, qmatmul_torch, qmatmul_triton
+from vlm_kernels.quant import GGMLType
 
 pytestmark = pytest.mark.gpu
 DEV = "cuda"

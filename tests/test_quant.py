@@ -1,4 +1,4 @@
-"""GGUF quant formats (kernels/quant.py): dequantize / quantize against the upstream oracles.
+"""GGUF quant formats (vlm_kernels/quant.py): dequantize / quantize against the upstream oracles.
 
 Oracles
 - dequantize (all types) and quantize of F32/F16/BF16/Q4_0/Q4_1/Q5_0/Q5_1/Q8_0: `gguf.quants` (numpy), compared
@@ -21,7 +21,7 @@ import pytest
 import torch
 from gguf import quants as gq
 
-from kernels.quant import (QUANTIZE_TYPES, SUPPORTED_TYPES, GGMLType, QTensor, block_info, dequantize, quantize,
+from vlm_kernels.quant import (QUANTIZE_TYPES, SUPPORTED_TYPES, GGMLType, QTensor, block_info, dequantize, quantize,
                            row_bytes)
 
 VECTORS = Path(__file__).parent / "data" / "kquant_vectors.npz"

@@ -1,4 +1,4 @@
-"""RoPE Triton kernel (interpreter on CPU) against HF transformers' rotary code and kernels.rope.rope_ref.
+"""RoPE Triton kernel (interpreter on CPU) against HF transformers' rotary code and vlm_kernels.rope.rope_ref.
 
 Oracles: HF LlamaRotaryEmbedding + apply_rotary_pos_emb (1-D, NeoX halves; GPT-J pairs through the
 interleave permutation llama.cpp's converter applies), Qwen2-VL's text rotary embedding (M-RoPE; with
@@ -10,7 +10,7 @@ import importlib
 import pytest
 import torch
 
-from kernels.rope import rope_ref, rope_triton
+from vlm_kernels.rope import rope_ref, rope_triton
 
 # max |err| / max |ref| (docs: /work/shared/design/architecture.md tolerance table)
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
@@ -169,7 +169,7 @@ def test_rope_strided_view_of_fused_qkv():
 
 def test_rope_head_groups(monkeypatch):
     """Several heads per program with a ragged last group (5 heads, groups of 4): every head rotated once."""
-    rope_mod = importlib.import_module("kernels.rope")   # `kernels.rope` itself is the public op function
+    rope_mod = importlib.import_module("vlm_kernels.rope")   # `vlm_kernels.rope` itself is the public op function
     monkeypatch.setattr(rope_mod, "TARGET_PROGRAMS", 1)
     g = torch.Generator().manual_seed(5)
     x = torch.randn(70, 5, 32, generator=g)              # 70 tokens: 2 token blocks of 64
@@ -275,9 +275,9 @@ def test_bad_input_errors():
 
 @pytest.mark.parametrize("impl", ["triton", "torch"])
 def test_public_op_dispatch(monkeypatch, impl):
-    import kernels
+    import vlm_kernels
     monkeypatch.setenv("VLM_KERNELS", impl)
     pos_hw = vision_positions(4, 4)
     x = torch.randn(16, 2, 32)
-    y = kernels.rope(x, pos_hw.t().contiguous(), theta=1e4, mode="vision")
+    y = vlm_kernels.rope(x, pos_hw.t().contiguous(), theta=1e4, mode="vision")
     assert rel_err(y, hf_vision(x, pos_hw, 1e4)) < 1e-5

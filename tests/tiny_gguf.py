@@ -4,7 +4,7 @@ HF tooling (the GPU box) and for tests that need quantized tensors of several ty
 `write_tiny(path, arch, qtype="F32")` -> path. llama / qwen2 / gemma3 layouts as llama.cpp names them,
 n_embd 256 (K-quants need rows that are multiples of 256), 2 layers, 4 heads / 2 KV heads of 64, n_ff 512,
 a 260-token stub vocabulary (4 specials + 256 byte tokens, SentencePiece-style metadata). Matrices are
-quantized to `qtype` (F32 / F16 / Q8_0 / Q4_0 / Q4_K / Q6_K ...) with kernels.quant.quantize; norms are F32.
+quantized to `qtype` (F32 / F16 / Q8_0 / Q4_0 / Q4_K / Q6_K ...) with vlm_kernels.quant.quantize; norms are F32.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from gguf import GGUFValue, GGUFValueType as VT
 
-from kernels.quant import GGMLType, quantize
+from vlm_kernels.quant import GGMLType, quantize
 from vlm.gguf import write_gguf
 
 N_EMBD, N_LAYER, N_HEAD, N_HEAD_KV, HEAD_DIM, N_FF = 256, 2, 4, 2, 64, 512

@@ -31,7 +31,7 @@ import torch
 from gguf import GGUFValue, GGUFValueType
 from gguf.constants import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT
 
-from kernels.quant import GGMLType, QTensor
+from vlm_kernels.quant import GGMLType, QTensor
 from vlm.gguf_errors import GGUFError, GGUFFormatError, GGUFKeyError, GGUFUnsupportedError
 
 __all__ = ["GGUFFile", "TensorInfo", "StringArray", "write_gguf", "GGUFError", "GGUFFormatError",

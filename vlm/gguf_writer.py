@@ -28,7 +28,7 @@ import torch
 from gguf import GGUFValue, GGUFValueType, GGUFWriter
 from gguf.constants import GGUF_DEFAULT_ALIGNMENT
 
-from kernels.quant import GGMLType, QTensor
+from vlm_kernels.quant import GGMLType, QTensor
 
 VT = GGUFValueType
 MAX_NAME_BYTES = 63          # llama.cpp GGML_MAX_NAME (64) including the NUL

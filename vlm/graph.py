@@ -7,8 +7,9 @@
     f = gb.build_ffn(h, up, gate, down, act="silu")
     gb.tap("l_out", 0, x)                    # no-op unless model.tap_hook is set (layer-by-layer diffs vs HF)
 
-Everything numeric goes through `kernels.<op>` (Triton or its torch reference — the graph does not care).
-Weights are QTensors (quantized: `kernels.qmatmul`) or torch tensors (F32/F16 matrices: `torch.nn.functional.linear`).
+Everything numeric goes through `vlm_kernels.<op>` (Triton or its torch reference — the graph does not care).
+Weights are QTensors (quantized: `vlm_kernels.qmatmul`) or torch tensors (F32/F16 matrices:
+`torch.nn.functional.linear`).
 
 Row order: a micro-batch whose sequences are interleaved is regrouped per sequence once, here (plan.perm);
 the logits come back in the batch's own order.
@@ -21,14 +22,14 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels.quant import QTensor
-from kernels.quant import dequantize as _dequantize
+import vlm_kernels
+from vlm_kernels.quant import QTensor
+from vlm_kernels.quant import dequantize as _dequantize
 from vlm.kv_cache import to_device
 
 
-# `ops.<name>(...)` is the public `kernels.<name>(...)`: the dispatched op (Triton or torch reference).
-ops = kernels
+# `ops.<name>(...)` is the public `vlm_kernels.<name>(...)`: the dispatched op (Triton or torch reference).
+ops = vlm_kernels
 
 TapHook = Callable[[str, int, torch.Tensor], None]
 
@@ -42,7 +43,7 @@ ACTIVATIONS = {
 
 
 def linear(x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., K] @ w[N, K].T (+ b): quantized weights through kernels.qmatmul, float ones through torch."""
+    """x [..., K] @ w[N, K].T (+ b): quantized weights through vlm_kernels.qmatmul, float ones through torch."""
     if isinstance(w, QTensor):
         return ops.qmatmul(x if x.is_contiguous() else x.contiguous(), w, b)
     return F.linear(x, w, b)
@@ -162,7 +163,7 @@ class GraphBuilder:
         mode, sections = cfg.rope_mode, None
         if mode in ("mrope", "imrope"):
             if mode == "imrope":
-                raise NotImplementedError("interleaved M-RoPE (Qwen3-VL) is not supported by kernels.rope yet")
+                raise NotImplementedError("interleaved M-RoPE (Qwen3-VL) is not supported by vlm_kernels.rope yet")
             mode, sections = "neox", list(cfg.rope_sections)
             sections = sections[:max(i for i, s in enumerate(sections) if s > 0) + 1]
         n_rot = cfg.rope_dims

@@ -1,4 +1,4 @@
-"""Preallocated KV cache for several sequences, laid out for `kernels.decode_attention`.
+"""Preallocated KV cache for several sequences, laid out for `vlm_kernels.decode_attention`.
 
 Per layer il:  k[il], v[il]  [n_seq, n_ctx, n_head_kv, head_dim]   (row t of sequence s = its t-th cell)
 
@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-MAX_DECODE_Q = 16  # kernels.decode_attention takes 1..16 new tokens per sequence
+MAX_DECODE_Q = 16  # vlm_kernels.decode_attention takes 1..16 new tokens per sequence
 
 
 def to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -194,7 +194,7 @@ class KVCache:
             vc.index_put_((plan.seq_index, plan.cell_index), v)
 
     def decode_views(self, il: int, plan: AttnPlan, window: int | None):
-        """(k_cache, v_cache, seq_lens int32, q_slots) for kernels.decode_attention after store().
+        """(k_cache, v_cache, seq_lens int32, q_slots) for vlm_kernels.decode_attention after store().
 
         One sequence: a [1, L, ...] view of its rows, starting at the first row the window can see.
         Several: the whole cache (q is scattered into all n_seq slots, absent ones get seq_len 0) unless the
@@ -228,7 +228,7 @@ class KVCache:
         return kc[s_sl, c_sl], vc[s_sl, c_sl], lens, slots
 
     def prefill_views(self, il: int, plan: AttnPlan, window: int | None):
-        """(k, v, cu_seqlens_q, cu_seqlens_k) packed over the batch's sequences for kernels.attention, after
+        """(k, v, cu_seqlens_q, cu_seqlens_k) packed over the batch's sequences for vlm_kernels.attention, after
         store(): per sequence the cache rows [lo, cell0 + n) where lo drops rows no query can see."""
         key = ("pre", window)
         hit = plan._cache.get(key)

@@ -1,7 +1,7 @@
 """M-RoPE positions of Qwen2-VL / Qwen2.5-VL prompts (text + images + videos).
 
 The decoder rotates each head with 4 position planes per token, stored as llama.cpp does: [4, n_tokens] =
-(t, y, x, z) rows (vlm.Batch / kernels.rope with `sections`):
+(t, y, x, z) rows (vlm.Batch / vlm_kernels.rope with `sections`):
 
 * text token at position p:         (p, p, p, 0)
 * image token i of an nx × ny grid (merged tokens, row-major) starting at p:

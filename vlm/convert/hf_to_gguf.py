@@ -355,7 +355,7 @@ def _encode(t: torch.Tensor, qtype: GGMLType) -> np.ndarray:
         return t.to(torch.float16).contiguous().numpy()
     if qtype in (GGMLType.BF16, GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1):
         return gguf.quants.quantize(t.contiguous().numpy(), qtype)  # byte-exact with llama.cpp's reference
-    from kernels.quant import quantize as kq
+    from vlm_kernels.quant import quantize as kq
     return kq(t.contiguous(), qtype).data.cpu().numpy()
 
 

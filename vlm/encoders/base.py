@@ -12,7 +12,7 @@ per projector under vlm/encoders/). Weights stay under their GGUF names (``v.blk
 Pixels: float tensors are taken as already normalised (HF ``pixel_values``, what vlm.preprocess produces);
 uint8 tensors are raw RGB and are normalised with the file's ``clip.vision.image_mean/std`` inside the
 patch-embedding kernel. All images of one ``encode`` call run through the tower together: every linear layer
-sees all their tokens at once and attention is one varlen ``kernels.attention`` call (``cu_seqlens`` over images,
+sees all their tokens at once and attention is one varlen ``vlm_kernels.attention`` call (``cu_seqlens`` over images,
 non-causal), so images never attend to each other.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Sequence
 
 import torch
 
-from kernels.quant import FLOAT_TYPES
+from vlm_kernels.quant import FLOAT_TYPES
 from vlm.gguf import GGUFFile, GGUFKeyError
 from vlm.registry import check_tensors, encoder_class
 
@@ -111,7 +111,7 @@ class VisionConfig:
 
 
 def load_tensor(f: GGUFFile, name: str, device: torch.device, dtype: torch.dtype):
-    """One GGUF tensor as the encoder keeps it: quantized matrices stay QTensors (``kernels.qmatmul``); float
+    """One GGUF tensor as the encoder keeps it: quantized matrices stay QTensors (``vlm_kernels.qmatmul``); float
     tensors become `dtype`, except LayerNorm / RMSNorm vectors, which stay fp32 (the norm kernels compute in
     fp32 and accept fp32 weights with any activation dtype)."""
     info = f.tensors[name]

@@ -16,8 +16,8 @@ input after pre_ln, i = the output of layer i-1); the tower runs up to the deepe
 are concatenated along the channel dim (one index = plain "hidden_states[k]").
 
 Batching: the patch embedding runs once per group of same-size images (fused normalisation / bias / position
-epilogue of ``kernels.patch_embed``); then the tokens of *all* images are one [n_tokens, n_embd] matrix, every
-linear layer runs on it once, and attention is one ``kernels.attention`` call with ``cu_seqlens`` marking the
+epilogue of ``vlm_kernels.patch_embed``); then the tokens of *all* images are one [n_tokens, n_embd] matrix, every
+linear layer runs on it once, and attention is one ``vlm_kernels.attention`` call with ``cu_seqlens`` marking the
 images (causal=False), so an image only attends to itself.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-import kernels
+import vlm_kernels
 from vlm.graph import linear
 
 ACTS = {
@@ -111,7 +111,7 @@ class VisionTower:
             norm = {}
             if pixels.dtype == torch.uint8:     # raw RGB: normalise in the kernel's load (x/255 - mean) / std
                 norm = dict(mean=cfg.image_mean, std=cfg.image_std)
-            x = kernels.patch_embed(pixels, w["v.patch_embd.weight"], w.get("v.patch_embd.bias"), self.pos_patches,
+            x = vlm_kernels.patch_embed(pixels, w["v.patch_embd.weight"], w.get("v.patch_embd.bias"), self.pos_patches,
                                     **norm)                                        # [B, gh·gw, D]
             B = x.shape[0]
             if n_cls:
@@ -126,28 +126,28 @@ class VisionTower:
         self.tap("inp_embd", -1, x)
 
         if "v.pre_ln.weight" in w:
-            x = kernels.layer_norm(x, w["v.pre_ln.weight"], w.get("v.pre_ln.bias"), eps)
+            x = vlm_kernels.layer_norm(x, w["v.pre_ln.weight"], w.get("v.pre_ln.bias"), eps)
         stack = []
         for il in range(n_run):
             if il in feature_layers:
                 stack.append(x)
             L = enc.layers[il]
-            h = kernels.layer_norm(x, L["ln1.weight"], L.get("ln1.bias"), eps)
+            h = vlm_kernels.layer_norm(x, L["ln1.weight"], L.get("ln1.bias"), eps)
             if "qkv.weight" in L:               # one fused projection (vlm.encoders.base.fuse_qkv): strided views
                 q, k, v = linear(h, L["qkv.weight"], L["qkv.bias"]).view(n_tok, 3, cfg.n_head, cfg.head_dim).unbind(1)
             else:
                 q = linear(h, L["attn_q.weight"], L.get("attn_q.bias")).view(n_tok, cfg.n_head, cfg.head_dim)
                 k = linear(h, L["attn_k.weight"], L.get("attn_k.bias")).view(n_tok, cfg.n_head, cfg.head_dim)
                 v = linear(h, L["attn_v.weight"], L.get("attn_v.bias")).view(n_tok, cfg.n_head, cfg.head_dim)
-            a = kernels.attention(q, k, v, causal=False, cu_seqlens_q=cu, cu_seqlens_k=cu)
+            a = vlm_kernels.attention(q, k, v, causal=False, cu_seqlens_q=cu, cu_seqlens_k=cu)
             a = linear(a.reshape(n_tok, D), L["attn_out.weight"], L.get("attn_out.bias"))
-            h, x = kernels.layer_norm(a, L["ln2.weight"], L.get("ln2.bias"), eps, residual=x)   # x += attn
+            h, x = vlm_kernels.layer_norm(a, L["ln2.weight"], L.get("ln2.bias"), eps, residual=x)   # x += attn
             f = linear(self.act(linear(h, L["ffn_up.weight"], L.get("ffn_up.bias"))),
                        L["ffn_down.weight"], L.get("ffn_down.bias"))
             x = x + f
             self.tap("layer_out", il, x)
         if "v.post_ln.weight" in w:
-            x = kernels.layer_norm(x, w["v.post_ln.weight"], w.get("v.post_ln.bias"), eps)
+            x = vlm_kernels.layer_norm(x, w["v.post_ln.weight"], w.get("v.post_ln.bias"), eps)
         if n_run in feature_layers:
             stack.append(x)
         feats = torch.cat(stack, dim=-1) if len(stack) > 1 else stack[0] if stack else x

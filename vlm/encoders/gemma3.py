@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels.quant import QTensor
+import vlm_kernels
+from vlm_kernels.quant import QTensor
 from vlm.encoders.base import MmprojEncoder, MmprojError
 
 DEFAULT_POOL = 4   # llama.cpp's default n_merge for gemma3 (the key is written only when it differs)
@@ -53,5 +53,5 @@ class Gemma3Encoder(MmprojEncoder):
         B, _, d = feats.shape
         grid = feats.reshape(B, n_patch_h, n_patch_w, d).permute(0, 3, 1, 2)        # [B, d, rows, cols]
         pooled = F.avg_pool2d(grid, self.pool, self.pool).flatten(2).transpose(1, 2)  # [B, tokens, d]
-        x = kernels.rms_norm(pooled.contiguous(), self.weights["mm.soft_emb_norm.weight"], self.config.eps)
+        x = vlm_kernels.rms_norm(pooled.contiguous(), self.weights["mm.soft_emb_norm.weight"], self.config.eps)
         return F.linear(x, self.proj_t)

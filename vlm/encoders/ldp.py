@@ -37,8 +37,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels.quant import QTensor
+import vlm_kernels
+from vlm_kernels.quant import QTensor
 from vlm.encoders.base import MmprojEncoder, MmprojError
 from vlm.graph import linear
 
@@ -110,7 +110,7 @@ class _MobileVLMEncoder(MmprojEncoder):
         return _float(v, torch.float32)
 
     def _mat(self, name: str, n_out: int | None, n_in: int | None):
-        """A 1×1 conv / fc weight as [out, in] (QTensors stay quantized for kernels.qmatmul)."""
+        """A 1×1 conv / fc weight as [out, in] (QTensors stay quantized for vlm_kernels.qmatmul)."""
         w = self.weights[name]
         shape = tuple(w.shape)
         if len(shape) == 4 and shape[2:] == (1, 1) and not isinstance(w, QTensor):
@@ -158,12 +158,12 @@ class LdpEncoder(_MobileVLMEncoder):
 
     def _block(self, x: torch.Tensor, blk: dict) -> torch.Tensor:
         h = depthwise3x3(x, blk["dw"], None, blk["stride"])                     # [B, h', w', C]
-        h = F.hardswish(kernels.layer_norm(h.contiguous(), *blk["ln0"], LN_EPS))
+        h = F.hardswish(vlm_kernels.layer_norm(h.contiguous(), *blk["ln0"], LN_EPS))
         s = h.float().mean(dim=(1, 2)).to(h.dtype)                              # squeeze: [B, C]
         s = F.relu(linear(s, *blk["fc1"]))
         s = F.hardsigmoid(linear(s, *blk["fc2"]))                               # excite: [B, C] in [0, 1]
         h = linear(h * s[:, None, None, :], blk["pw"])                          # pointwise 1×1, no bias
-        h = kernels.layer_norm(h, *blk["ln2"], LN_EPS)
+        h = vlm_kernels.layer_norm(h, *blk["ln2"], LN_EPS)
         return h + x if blk["stride"] == 1 else h
 
     def project(self, feats: torch.Tensor, n_patch_h: int, n_patch_w: int) -> torch.Tensor:

@@ -7,7 +7,7 @@ frames, rows in HF order: each 2×2 merge block's 4 patches are consecutive) and
                                                     slices as v.patch_embd.weight / .weight.1), no bias
     per layer (pre-norm; LayerNorm + quick-GELU FFN for Qwen2-VL, RMSNorm + SiLU-gated FFN for Qwen2.5-VL):
          x += attn_out(MHA(rope2d(q), rope2d(k), v))   2-D RoPE: first head_dim/4 pairs rotate by the patch row,
-                                                       the next head_dim/4 by the column (kernels.rope "vision")
+                                                       the next head_dim/4 by the column (vlm_kernels.rope "vision")
          x += ffn(ln2(x))
     y  = post_ln(x) viewed as [n/4, 4·D]            merger: the 4 patches of each 2×2 block concatenated
     y  = mm.2(GELU(mm.0(y)))                         exact (erf) GELU, as HF nn.GELU()
@@ -16,7 +16,7 @@ Qwen2.5-VL window attention: merge blocks are regrouped into windows of `window_
 tokens); attention runs within each window except at the full-attention layers (il + 1) % n_wa_pattern == 0
 (HF fullatt_block_indexes). Tokens are permuted into window order once after the patch embedding (with their
 RoPE positions) and the merged output is permuted back (HF get_vision_window_index / argsort). Attention is
-always one varlen kernels.attention call (cu_seqlens = windows, or frames of each image at full layers).
+always one varlen vlm_kernels.attention call (cu_seqlens = windows, or frames of each image at full layers).
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import kernels
+import vlm_kernels
 from vlm.encoders.base import MmprojEncoder, MmprojError, VisionConfig, fuse_qkv, load_weights
 from vlm.graph import linear
 from vlm.registry import check_tensors
@@ -280,8 +280,8 @@ class Qwen2VLEncoder(MmprojEncoder):
     def _norm(self, x, w, b, residual=None):
         eps = self.config.eps
         if self.WINDOWED:
-            return kernels.rms_norm(x, w, eps, residual=residual)
-        return kernels.layer_norm(x, w, b, eps, residual=residual)
+            return vlm_kernels.rms_norm(x, w, eps, residual=residual)
+        return vlm_kernels.layer_norm(x, w, b, eps, residual=residual)
 
     def _tap(self, name, il, t):
         if self.tap_hook is not None:
@@ -291,7 +291,7 @@ class Qwen2VLEncoder(MmprojEncoder):
         cfg, w = self.config, self.weights
         D, H, hd = cfg.n_embd, cfg.n_head, cfg.head_dim
         unit = MERGE * MERGE
-        x = kernels.patch_embed(x, self.patch_w.to(self.dtype), w.get("v.patch_embd.bias"))    # [n, D]
+        x = vlm_kernels.patch_embed(x, self.patch_w.to(self.dtype), w.get("v.patch_embd.bias"))    # [n, D]
         n = x.shape[0]
         pos = rope_positions(grids)
         frames = [h * w_ for t, h, w_ in grids for _ in range(t)]
@@ -317,10 +317,10 @@ class Qwen2VLEncoder(MmprojEncoder):
                 k = linear(h, L["attn_k.weight"], L.get("attn_k.bias")).view(n, H, hd)
                 v = linear(h, L["attn_v.weight"], L.get("attn_v.bias")).view(n, H, hd)
                 qk = torch.cat([q, k], dim=1)
-            qk = kernels.rope(qk, pos, theta=VISION_THETA, mode="vision")
+            qk = vlm_kernels.rope(qk, pos, theta=VISION_THETA, mode="vision")
             q, k = qk[:, :H], qk[:, H:]
             cu = cu_full if self.is_full_attn(il) else cu_win
-            a = kernels.attention(q.contiguous(), k.contiguous(), v, causal=False, cu_seqlens_q=cu, cu_seqlens_k=cu)
+            a = vlm_kernels.attention(q.contiguous(), k.contiguous(), v, causal=False, cu_seqlens_q=cu, cu_seqlens_k=cu)
             a = linear(a.reshape(n, D), L["attn_out.weight"], L.get("attn_out.bias"))
             h, x = self._norm(a, L["ln2.weight"], L.get("ln2.bias"), residual=x)          # x += attn
             if self.WINDOWED:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-import kernels
+import vlm_kernels
 from vlm.encoders.base import MmprojError
 from vlm.encoders.whisper import AudioEncoder
 from vlm.graph import linear
@@ -71,7 +71,7 @@ class UltravoxEncoder(AudioEncoder):
                 parts.append(F.pad(x[row:row + n], (0, 0, 0, (-n) % s)).reshape(-1, s * D))
                 row += n
             st = torch.cat(parts)
-        h = kernels.rms_norm(st.contiguous(), w["mm.a.norm_pre.weight"], RMS_EPS)
+        h = vlm_kernels.rms_norm(st.contiguous(), w["mm.a.norm_pre.weight"], RMS_EPS)
         a, g = linear(h, w["mm.a.mlp.1.weight"], w.get("mm.a.mlp.1.bias")).chunk(2, dim=-1)
-        h = kernels.rms_norm((F.silu(g) * a).contiguous(), w["mm.a.norm_mid.weight"], RMS_EPS)
+        h = vlm_kernels.rms_norm((F.silu(g) * a).contiguous(), w["mm.a.norm_mid.weight"], RMS_EPS)
         return linear(h, w["mm.a.mlp.2.weight"], w.get("mm.a.mlp.2.bias")), [-(-n // s) for n in lens]

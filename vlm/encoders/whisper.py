@@ -22,7 +22,7 @@ Qwen2AudioEncoder):
 Chunks: every 3000-frame (30 s) log-mel chunk is one sequence. All chunks of one ``encode`` call run through the
 tower together: the convolutions run once per group of equal-length chunks (im2col + one matmul, so the weight
 helpers of the vision encoders apply), then every linear layer sees the tokens of all chunks at once and attention
-is ONE ``kernels.attention`` call with ``cu_seqlens`` marking the chunks (causal=False), so chunks never attend to
+is ONE ``vlm_kernels.attention`` call with ``cu_seqlens`` marking the chunks (causal=False), so chunks never attend to
 each other. Chunks may be shorter than 3000 frames (Ultravox's encoder accepts that; HF Whisper / Qwen2-Audio
 insist on 3000): positions 0..n_pos-1 are used, so a chunk may hold at most 2 x (rows of a.position_embd) frames.
 """
@@ -35,8 +35,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels.quant import QTensor
+import vlm_kernels
+from vlm_kernels.quant import QTensor
 from vlm.encoders.base import MmprojError, MmprojMismatchError, _default_device, fuse_qkv, load_weights
 from vlm.gguf import GGUFFile, GGUFKeyError
 from vlm.graph import linear
@@ -315,7 +315,7 @@ class AudioEncoder:
         self.tap("inp_embd", -1, x)
 
         for il, L in enumerate(self.layers):
-            h = kernels.layer_norm(x, L["ln1.weight"], L["ln1.bias"], eps)
+            h = vlm_kernels.layer_norm(x, L["ln1.weight"], L["ln1.bias"], eps)
             if "qkv.weight" in L:
                 q, k, v = linear(h, L["qkv.weight"], L["qkv.bias"]).split(D, dim=-1)
             else:
@@ -323,10 +323,10 @@ class AudioEncoder:
                 k = linear(h, L["attn_k.weight"], L.get("attn_k.bias"))
                 v = linear(h, L["attn_v.weight"], L["attn_v.bias"])
             shape = (n_tok, cfg.n_head, cfg.head_dim)
-            a = kernels.attention(q.reshape(shape), k.reshape(shape), v.reshape(shape), causal=False,
+            a = vlm_kernels.attention(q.reshape(shape), k.reshape(shape), v.reshape(shape), causal=False,
                                   cu_seqlens_q=cu, cu_seqlens_k=cu)
             a = linear(a.reshape(n_tok, D), L["attn_out.weight"], L["attn_out.bias"])
-            h, x = kernels.layer_norm(a, L["ln2.weight"], L["ln2.bias"], eps, residual=x)   # x += attention
+            h, x = vlm_kernels.layer_norm(a, L["ln2.weight"], L["ln2.bias"], eps, residual=x)   # x += attention
             x = x + linear(F.gelu(linear(h, L["ffn_up.weight"], L["ffn_up.bias"])),
                            L["ffn_down.weight"], L["ffn_down.bias"])
             self.tap("layer_out", il, x)
@@ -334,7 +334,7 @@ class AudioEncoder:
         if self.AVG_POOL > 1:
             x, lens = self._avg_pool(x, lens)
         if "a.post_ln.weight" in w:
-            x = kernels.layer_norm(x.contiguous(), w["a.post_ln.weight"], w.get("a.post_ln.bias"), eps)
+            x = vlm_kernels.layer_norm(x.contiguous(), w["a.post_ln.weight"], w.get("a.post_ln.bias"), eps)
         self.tap("encoder_out", -1, x)
         return x, lens
 

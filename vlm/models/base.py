@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.quant import FLOAT_TYPES
+from vlm_kernels.quant import FLOAT_TYPES
 from vlm.config import TextConfig
 from vlm.graph import GraphBuilder
 from vlm.registry import check_tensors

@@ -2,7 +2,7 @@
 
 The Qwen2 block (q/k/v biases, NeoX pairing) with M-RoPE: every token has 4 position planes (t, y, x, z) and the
 rotary pairs are split into sections `{arch}.rope.dimension_sections` (HF `mrope_section`, e.g. [16, 24, 24, 0]):
-pair k rotates by the plane of the section holding k (kernels.rope with `sections`). Text rows get (p, p, p, 0)
+pair k rotates by the plane of the section holding k (vlm_kernels.rope with `sections`). Text rows get (p, p, p, 0)
 (vlm.Batch does that for 1-D positions); image rows come with their planes from vlm.mrope.
 """
 from __future__ import annotations

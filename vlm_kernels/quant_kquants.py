@@ -1,4 +1,4 @@
-"""K-quant quantization (Q2_K .. Q6_K); the public entry point is kernels.quant.quantize.
+"""K-quant quantization (Q2_K .. Q6_K); the public entry point is vlm_kernels.quant.quantize.
 
 K-quant quantization: a vectorised port of llama.cpp's reference quantizers (ggml-quants.c:
 quantize_row_q{2..6}_K_ref with make_qkx2_quants / make_q3_quants / make_qx_quants / nearest_int), written from
@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from kernels.quant import QK_K, _cdiv, _const, _k4_scale_min, _signed_absmax, _to_f16_bytes
+from vlm_kernels.quant import QK_K, _cdiv, _const, _k4_scale_min, _signed_absmax, _to_f16_bytes
 
 GROUP_MAX_EPS = 1e-15
 

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import triton
 import triton.language as tl
 
-from kernels.quant import GGMLType
+from vlm_kernels.quant import GGMLType
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,13 @@
-"""Launch configurations for kernels/qmatmul.py: regime by M, config lists, tuned winners per GPU (JSON).
+"""Launch configurations for vlm_kernels/qmatmul.py: regime by M, config lists, tuned winners per GPU (JSON).
 
 Regimes (../shared/reference/triton-notes.md §3a):
     "gemv"     M <= GEMV_MAX_M: CUDA-core FMAs reduced once with tl.sum, weights decoded once per chunk of
                GEMV_M_CHUNK activation rows; split-K only when N alone cannot fill the GPU.
     "dp4a"     opt-in (env VLM_QMATMUL_INT8_X=1, or a config): M <= GEMV_MAX_M, bf16 x, Q4_0 / Q8_0 weights on
-               a GPU: x rounded to int8 per 32-block, integer dot products (kernels/qmatmul_dp4a.py).
+               a GPU: x rounded to int8 per 32-block, integer dot products (vlm_kernels/qmatmul_dp4a.py).
     "gemm"     tensor-core tiles, split-K for small M.
     "dequant"  dequantize to x's dtype with a Triton kernel, then torch.matmul (cuBLAS): wins at large M.
-Tuned winners live in kernels/configs/qmatmul_<gpu>.json (written by `bench/bench_qmatmul.py --tune`):
+Tuned winners live in vlm_kernels/configs/qmatmul_<gpu>.json (written by `bench/bench_qmatmul.py --tune`):
 
     {"device": "...", "triton": "3.6.0",
      "configs": {"Q4_K": {"gemv": {"4096x14336": {cfg}, "*": {cfg}},      # bucket -> "NxK" | "*" -> cfg
@@ -28,7 +28,7 @@ import os
 import re
 from pathlib import Path
 
-from kernels.quant import GGMLType
+from vlm_kernels.quant import GGMLType
 
 # GEMV for M <= 4, the tensor-core GEMM from M = 5. Measured on an H100 (run 3, bench/results/qmatmul.csv, the
 # GEMV then covered M <= 16): the GEMV's time grows ~linearly past M = 2 (14336x4096 Q4_0: 31.5 us at M=1,
@@ -93,7 +93,7 @@ DEFAULT_GEMV = {qk: dict(regime="gemv", SPLIT_K="auto", **GEMV_CONFIGS[qk][0]) f
 # the extra launch of the split-K reduction costs.
 GEMV_TARGET_WARPS_PER_SM = 32
 GEMV_SPLIT_MIN_WEIGHTS = 1 << 25
-# dp4a GEMV (kernels/qmatmul_dp4a.py): one thread per (weight row, 32-weight block) of a [BLOCK_N, NB] tile,
+# dp4a GEMV (vlm_kernels/qmatmul_dp4a.py): one thread per (weight row, 32-weight block) of a [BLOCK_N, NB] tile,
 # NB = BLOCK_K / 32, BLOCK_N * NB / (32 * num_warps) (row, block) pairs per thread. Bytes in flight over the GPU
 # are ~N * NB * type_size (x split-K): an H100 needs ~3.4 MB (HBM rate x ~1 us latency), hence NB >= 64 for
 # N = 4096. Offline sm_90 compiles (bench/qmatmul_aot.py --dp4a): ~1.5-2.2 SASS instructions per weight at

@@ -24,7 +24,7 @@ import sys
 from dataclasses import dataclass
 from typing import Callable
 
-log = logging.getLogger("kernels")
+log = logging.getLogger("vlm_kernels")
 
 
 @dataclass(frozen=True)
@@ -39,19 +39,20 @@ class OpSpec:
         return self.torch or self.ref
 
 
-# The table: one line per op. Implementations are imported lazily so that `import kernels` stays cheap.
+# The table: one line per op. Implementations are imported lazily so that `import vlm_kernels` stays cheap.
 OPS: dict[str, OpSpec] = {s.name: s for s in [
-    OpSpec("qmatmul", "kernels.qmatmul:qmatmul_triton", "kernels.qmatmul:qmatmul_ref",
-           "kernels.qmatmul:qmatmul_torch"),
-    OpSpec("attention", "kernels.attention:attention_triton", "kernels.attention:attention_ref",
-           "kernels.cpu_fast:attention_torch"),
-    OpSpec("decode_attention", "kernels.decode_attention:decode_attention_triton",
-           "kernels.decode_attention:decode_attention_ref", "kernels.cpu_fast:decode_attention_torch"),
-    OpSpec("rms_norm", "kernels.norm:rms_norm_triton", "kernels.norm:rms_norm_ref", "kernels.cpu_fast:rms_norm_torch"),
-    OpSpec("layer_norm", "kernels.norm:layer_norm_triton", "kernels.norm:layer_norm_ref",
-           "kernels.cpu_fast:layer_norm_torch"),
-    OpSpec("rope", "kernels.rope:rope_triton", "kernels.rope:rope_ref", "kernels.cpu_fast:rope_torch"),
-    OpSpec("patch_embed", "kernels.patch_embed:patch_embed_triton", "kernels.patch_embed:patch_embed_ref"),
+    OpSpec("qmatmul", "vlm_kernels.qmatmul:qmatmul_triton", "vlm_kernels.qmatmul:qmatmul_ref",
+           "vlm_kernels.qmatmul:qmatmul_torch"),
+    OpSpec("attention", "vlm_kernels.attention:attention_triton", "vlm_kernels.attention:attention_ref",
+           "vlm_kernels.cpu_fast:attention_torch"),
+    OpSpec("decode_attention", "vlm_kernels.decode_attention:decode_attention_triton",
+           "vlm_kernels.decode_attention:decode_attention_ref", "vlm_kernels.cpu_fast:decode_attention_torch"),
+    OpSpec("rms_norm", "vlm_kernels.norm:rms_norm_triton", "vlm_kernels.norm:rms_norm_ref",
+           "vlm_kernels.cpu_fast:rms_norm_torch"),
+    OpSpec("layer_norm", "vlm_kernels.norm:layer_norm_triton", "vlm_kernels.norm:layer_norm_ref",
+           "vlm_kernels.cpu_fast:layer_norm_torch"),
+    OpSpec("rope", "vlm_kernels.rope:rope_triton", "vlm_kernels.rope:rope_ref", "vlm_kernels.cpu_fast:rope_torch"),
+    OpSpec("patch_embed", "vlm_kernels.patch_embed:patch_embed_triton", "vlm_kernels.patch_embed:patch_embed_ref"),
 ]}
 
 _VALID = ("auto", "triton", "torch")
@@ -178,7 +179,7 @@ def call(name: str, *args, **kwargs):
         spec = OPS[name]
         target = spec.triton if impl == "triton" else spec.torch_impl
         if impl == "torch" and _mode() == "auto":
-            log.info("kernels.%s -> torch (%s: %s)", name, target, why)
+            log.info("vlm_kernels.%s -> torch (%s: %s)", name, target, why)
         hit = _choice_cache[key] = (impl, target)
     return _load(hit[1])(*args, **kwargs)
 

@@ -205,7 +205,7 @@ def _launch(x, weight, bias, eps, offset, residual, is_rms):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# public launchers (names fixed by kernels/_dispatch.py)
+# public launchers (names fixed by vlm_kernels/_dispatch.py)
 
 def rms_norm_triton(x, weight, eps, *, offset=0.0, residual=None):
     """RMSNorm; with `residual` returns (y, h = x + residual), else y. weight None = no scale (offset must be 0)."""

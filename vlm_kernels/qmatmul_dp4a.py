@@ -27,7 +27,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels.qmatmul_kernels import store_row
+from vlm_kernels.qmatmul_kernels import store_row
 
 DP4A_QTYPES = {2: "Q4_0", 8: "Q8_0"}     # GGMLType values handled here
 

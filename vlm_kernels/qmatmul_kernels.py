@@ -1,4 +1,4 @@
-"""Triton kernels for y = x @ dequant(w).T straight from GGUF blocks (launchers live in kernels/qmatmul.py).
+"""Triton kernels for y = x @ dequant(w).T straight from GGUF blocks (launchers live in vlm_kernels/qmatmul.py).
 
 Shared conventions
     x:    [M, K] activations, row-major (fp32 / fp16 / bf16)
@@ -7,7 +7,7 @@ Shared conventions
           of partial sums that `_splitk_reduce_kernel` adds up in a fixed order (deterministic, no atomics).
     K loop: a program owns BLOCK_N weight rows and a contiguous range of `iters` steps of NB blocks
           (split s starts at block s * iters * NB); see `_block_tile` for the tile edges.
-    Per step and per group g (see kernels/_qblocks.py) the weights come as an fp32 [BLOCK_N, NB, R, S] tile
+    Per step and per group g (see vlm_kernels/_qblocks.py) the weights come as an fp32 [BLOCK_N, NB, R, S] tile
     whose element (n, b, r, j) multiplies x[:, (blk0 + b) * QK + group_offset(g) + r * RSTRIDE + j].
 Regimes: `_qgemv_kernel` (M <= 4 by default, up to 16 forced; CUDA-core FMAs + tl.sum), `_qgemm_kernel` (tensor cores, computes the
 transposed tile acc[BLOCK_N, BLOCK_M] = W_tile @ x_tile^T so the weight rows fill the MMA's M side even when
@@ -18,7 +18,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels._qblocks import dequant_group, group_offset
+from vlm_kernels._qblocks import dequant_group, group_offset
 
 # Runtime sizes that vary from call to call are not specialised on (divisibility by 16 / == 1), so one compiled
 # variant serves every M, N and split; K and row_bytes stay specialised (their alignment enables wide loads).

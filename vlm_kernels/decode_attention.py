@@ -10,7 +10,7 @@ Layouts (the KV-cache module holds exactly this; views with other strides, e.g. 
                              be written at rows seq_len - n_q .. seq_len - 1
     out      like q, dtype of q
 
-Semantics, identical to :func:`kernels.attention.attention` with lq = n_q, lk = seq_len, causal=True
+Semantics, identical to :func:`vlm_kernels.attention.attention` with lq = n_q, lk = seq_len, causal=True
 (end alignment): new token t sits at position p = seq_len - n_q + t and sees cache rows j <= p, and with
 ``sliding_window`` W only those with p - j < W (HF / llama.cpp convention). ``logit_softcap`` c: s = c*tanh(s/c)
 before masking. ``scale`` defaults to head_dim ** -0.5. Rows of a sequence with seq_len = 0 output zeros.
@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.attention import (SMEM_BUDGET, _tile_update, check_common, check_head_dims, head_dim_p2,
+from vlm_kernels.attention import (SMEM_BUDGET, _tile_update, check_common, check_head_dims, head_dim_p2,
                                interpreter_on, masked_attention_fp32, softmax_constants, visible_mask)
 
 MAX_N_Q = 16

@@ -4,9 +4,9 @@
     y: [..., N] in x's dtype; products accumulated in fp32.
 
 Three implementations with the same signature `(x, w, bias=None)`:
-    qmatmul_triton  fused Triton kernels (kernels/qmatmul_kernels.py), regime chosen by M
-                    (kernels/qmatmul_configs.py): GEMV for M <= 4 (opt-in for bf16 x and Q4_0 / Q8_0 weights,
-                    VLM_QMATMUL_INT8_X=1: the "dp4a" GEMV of kernels/qmatmul_dp4a.py, x rounded to int8),
+    qmatmul_triton  fused Triton kernels (vlm_kernels/qmatmul_kernels.py), regime chosen by M
+                    (vlm_kernels/qmatmul_configs.py): GEMV for M <= 4 (opt-in for bf16 x and Q4_0 / Q8_0 weights,
+                    VLM_QMATMUL_INT8_X=1: the "dp4a" GEMV of vlm_kernels/qmatmul_dp4a.py, x rounded to int8),
                     tensor-core split-K GEMM, and dequantize-to-x.dtype + torch.matmul where the tuned table
                     says it is faster.
     qmatmul_torch   the path used when Triton is not chosen (CPU inference): dequantized weights cached per
@@ -26,12 +26,12 @@ from collections import OrderedDict
 import torch
 import triton
 
-from kernels import qmatmul_configs as qcfg
-from kernels._qblocks import GEOMETRY, IQ4_NL_VALUES, SUPPORTED
-from kernels.qmatmul_dp4a import _qgemv_dp4a_kernel, _quantize_x_kernel
-from kernels.qmatmul_kernels import _dequant_kernel, _qgemm_kernel, _qgemv_kernel, _splitk_reduce_kernel
-from kernels.quant import FLOAT_TYPES, GGMLType, QTensor
-from kernels.quant import dequantize as _quant_dequantize
+from vlm_kernels import qmatmul_configs as qcfg
+from vlm_kernels._qblocks import GEOMETRY, IQ4_NL_VALUES, SUPPORTED
+from vlm_kernels.qmatmul_dp4a import _qgemv_dp4a_kernel, _quantize_x_kernel
+from vlm_kernels.qmatmul_kernels import _dequant_kernel, _qgemm_kernel, _qgemv_kernel, _splitk_reduce_kernel
+from vlm_kernels.quant import FLOAT_TYPES, GGMLType, QTensor
+from vlm_kernels.quant import dequantize as _quant_dequantize
 
 _X_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _FLOAT_WEIGHT_DTYPE = {GGMLType.F32: torch.float32, GGMLType.F16: torch.float16, GGMLType.BF16: torch.bfloat16}

@@ -1,7 +1,7 @@
 """Fast plain-torch implementations: what the dispatcher runs when Triton is not chosen (CPU inference).
 
 Each function has the signature, the input checks (same errors) and the semantics of the reference it stands
-for — the `*_ref` functions in kernels/norm.py, rope.py, attention.py, decode_attention.py stay the spec and
+for — the `*_ref` functions in vlm_kernels/norm.py, rope.py, attention.py, decode_attention.py stay the spec and
 tests/test_cpu_fast.py holds these to them (fp32: 1e-5 of max |ref|). What makes them faster:
 
   rms_norm_torch        one fused aten op (`torch.rms_norm`, fp32) instead of pow/mean/add/rsqrt/mul/mul;
@@ -22,13 +22,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.attention import _validate as _attn_validate
-from kernels.attention import masked_attention_fp32, visible_mask
-from kernels.decode_attention import _validate as _dec_validate
-from kernels.norm import _check_norm_args
-from kernels.rope import _check_rope_args, _inv_freq, rope_ref
+from vlm_kernels.attention import _validate as _attn_validate
+from vlm_kernels.attention import masked_attention_fp32, visible_mask
+from vlm_kernels.decode_attention import _validate as _dec_validate
+from vlm_kernels.norm import _check_norm_args
+from vlm_kernels.rope import _check_rope_args, _inv_freq, rope_ref
 
-# (kernels.<op> is the dispatching function, not the module: the helpers above are imported by name.)
+# (vlm_kernels.<op> is the dispatching function, not the module: the helpers above are imported by name.)
 
 # ----------------------------------------------------------------------------------------------------------
 # norms
@@ -54,7 +54,7 @@ def _scaled_weight(weight: torch.Tensor, offset: float) -> torch.Tensor:
 
 
 def rms_norm_torch(x, weight, eps, *, offset=0.0, residual=None):
-    """Same contract as kernels.norm.rms_norm_ref; fused torch.rms_norm in fp32."""
+    """Same contract as vlm_kernels.norm.rms_norm_ref; fused torch.rms_norm in fp32."""
     _check_norm_args(x, weight, None, eps, residual)
     if weight is None and offset != 0.0:
         raise ValueError(f"offset={offset} needs a weight (offset is added to the weight)")
@@ -68,7 +68,7 @@ def rms_norm_torch(x, weight, eps, *, offset=0.0, residual=None):
 
 
 def layer_norm_torch(x, weight, bias, eps, *, residual=None):
-    """Same contract as kernels.norm.layer_norm_ref (already one fused op); skips no-op casts for fp32."""
+    """Same contract as vlm_kernels.norm.layer_norm_ref (already one fused op); skips no-op casts for fp32."""
     _check_norm_args(x, weight, bias, eps, residual)
     h = x + residual if residual is not None else x
     hf = h if h.dtype == torch.float32 else h.float()
@@ -101,7 +101,7 @@ def _cos_sin_table(theta: float, n_rot: int, mode: str, secs: tuple, device, n_p
 
 
 def rope_torch(x, positions, *, theta, mode="normal", sections=None, freq_factors=None, n_rot=None):
-    """Same contract as kernels.rope.rope_ref, with cached cos/sin tables (1-D and M-RoPE positions >= 0)."""
+    """Same contract as vlm_kernels.rope.rope_ref, with cached cos/sin tables (1-D and M-RoPE positions >= 0)."""
     n_rot, secs, pos2 = _check_rope_args(x, positions, theta, mode, sections, freq_factors, n_rot)
     n_tokens, n_head, head_dim = x.shape
     half = n_rot // 2
@@ -163,7 +163,7 @@ def _group_attend(q, k, v, scale, softcap, vis):
 
 
 def decode_attention_torch(q, k_cache, v_cache, seq_lens, *, scale=None, sliding_window=None, logit_softcap=None):
-    """Same contract as kernels.decode_attention.decode_attention_ref; reads only the visible cache rows."""
+    """Same contract as vlm_kernels.decode_attention.decode_attention_ref; reads only the visible cache rows."""
     q4 = _dec_validate(q, k_cache, v_cache, seq_lens, scale, sliding_window, logit_softcap)
     n_seq, n_q = q4.shape[0], q4.shape[1]
     scale = q4.shape[-1] ** -0.5 if scale is None else float(scale)
@@ -186,7 +186,7 @@ def decode_attention_torch(q, k_cache, v_cache, seq_lens, *, scale=None, sliding
 
 def attention_torch(q, k, v, *, causal, scale=None, sliding_window=None, logit_softcap=None,
                     cu_seqlens_q=None, cu_seqlens_k=None):
-    """Same contract as kernels.attention.attention_ref. Per sequence: fused SDPA (is_causal / no mask) when the
+    """Same contract as vlm_kernels.attention.attention_ref. Per sequence: fused SDPA (is_causal / no mask) when the
     end-aligned mask is plain causal or empty; the reference's explicit-mask path for windows, causal prefix
     continuations and softcap."""
     lens_q, lens_k = _attn_validate(q, k, v, causal, scale, sliding_window, logit_softcap,

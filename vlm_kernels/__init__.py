@@ -1,17 +1,17 @@
 """Triton kernels with plain-torch references. Knows nothing about models or GGUF keys.
 
-Every public op goes through :mod:`kernels._dispatch`: Triton on CUDA (or under ``TRITON_INTERPRET=1`` with
-``VLM_KERNELS=triton``), otherwise the op's torch path (the fast versions in kernels/cpu_fast.py where one exists;
-each ``*_ref`` stays the spec the tests compare with). ``kernels.explain()`` says which and why.
+Every public op goes through :mod:`vlm_kernels._dispatch`: Triton on CUDA (or under ``TRITON_INTERPRET=1`` with
+``VLM_KERNELS=triton``), otherwise the op's torch path (the fast versions in vlm_kernels/cpu_fast.py where one exists;
+each ``*_ref`` stays the spec the tests compare with). ``vlm_kernels.explain()`` says which and why.
 """
 from __future__ import annotations
 
 import sys as _sys
 import types as _types
 
-from kernels import _dispatch
-from kernels._dispatch import KernelUnavailableError, call as _call, explain
-from kernels.quant import GGMLType, QTensor, dequantize, quantize
+from vlm_kernels import _dispatch
+from vlm_kernels._dispatch import KernelUnavailableError, call as _call, explain
+from vlm_kernels.quant import GGMLType, QTensor, dequantize, quantize
 
 
 def qmatmul(x, w, bias=None):
@@ -50,8 +50,8 @@ def patch_embed(pixels, weight, bias=None, pos_embed=None, **kw):
 class _Package(_types.ModuleType):
     """Keeps the public op functions when their same-named implementation modules are imported.
 
-    Importing ``kernels.attention`` (the module) would otherwise rebind the package attribute ``attention`` from
-    the dispatching function to the module. Use ``from kernels.attention import ...`` or importlib to reach the
+    Importing ``vlm_kernels.attention`` (the module) would otherwise rebind the package attribute ``attention`` from
+    the dispatching function to the module. Use ``from vlm_kernels.attention import ...`` or importlib to reach the
     implementation modules.
     """
 

@@ -381,8 +381,8 @@ def _q_bf16(x):
 
 
 def _kq():
-    """The K-quant quantizers live in kernels/quant_kquants.py (imported on first use; it imports helpers above)."""
-    from kernels import quant_kquants
+    """The K-quant quantizers live in vlm_kernels/quant_kquants.py (imported on first use; it imports helpers above)."""
+    from vlm_kernels import quant_kquants
     return quant_kquants
 
 
