@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import struct
-import time
 from pathlib import Path
 
 import numpy as np
@@ -15,11 +14,10 @@ from gguf import GGUFValue, GGUFValueType as VT
 from gguf.constants import GGML_QUANT_SIZES
 
 import real_models
-from kernels.quant import GGMLType, QTensor
+from vlm_kernels.quant import GGMLType, QTensor
 from vlm.gguf import (GGUFError, GGUFFile, GGUFFormatError, GGUFKeyError, GGUFUnsupportedError, StringArray,
                       write_gguf)
 
-OPEN_LIMIT_S = 1.5     # requirement: header + metadata + tensor table of the Gemma file on 2 cores
 DEQUANT_ROWS = 48      # rows per tensor compared against gguf.quants (see test_real_dequant_matches_gguf_quants)
 ALL_TYPES = sorted(GGML_QUANT_SIZES, key=int)
 
@@ -46,14 +44,10 @@ real = pytest.mark.xdist_group("gemma_gguf")   # keep the expensive GGUFReader o
 
 
 @real
-def test_real_open_is_fast(gemma_path):
-    best = float("inf")
-    for _ in range(3):
-        t0 = time.perf_counter()
-        with GGUFFile(gemma_path) as f:
-            assert len(f.tensors) > 0 and len(f.get("tokenizer.ggml.tokens")) == 262144
-        best = min(best, time.perf_counter() - t0)
-    assert best < OPEN_LIMIT_S, f"open + metadata + tensor table took {best:.3f} s"
+def test_real_open_reads_table_and_vocab(gemma_path):
+    """Behaviour only; the open time (target < 1.5 s on 2 cores) is measured by bench/bench_gguf_load.py."""
+    with GGUFFile(gemma_path) as f:
+        assert len(f.tensors) > 0 and len(f.get("tokenizer.ggml.tokens")) == 262144
 
 
 @real
@@ -100,12 +94,12 @@ def test_real_float_tensors_load_exactly(gemma, gemma_reader):
 
 @real
 def test_real_dequant_matches_gguf_quants(gemma):
-    """kernels.quant.dequantize vs gguf.quants.dequantize of the same bytes, bit-exact, every tensor.
+    """vlm_kernels.quant.dequantize vs gguf.quants.dequantize of the same bytes, bit-exact, every tensor.
 
     Blocks never span rows, so rows are independent: DEQUANT_ROWS rows per tensor (first, last and random ones in
     between) cover every tensor and type without dequantizing token_embd's 168M weights twice in numpy (~10 s)."""
     from gguf.quants import dequantize as gguf_dequantize
-    from kernels.quant import dequantize
+    from vlm_kernels.quant import dequantize
     rng = np.random.default_rng(0)
     for name, info in gemma.tensors.items():
         q = gemma.tensor(name)
