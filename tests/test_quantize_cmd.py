@@ -1,6 +1,10 @@
 """`vlm quantize` / quantized converter outtypes: llama.cpp's per-tensor mix rules and file round trips."""
 from __future__ import annotations
 
+import hashlib
+import json
+from pathlib import Path
+
 import gguf
 import numpy as np
 import pytest
@@ -9,10 +13,11 @@ from gguf import GGMLQuantizationType as T
 from gguf import LlamaFileType as F
 
 import hf_tiny
+import quant_mix_fixture
 import real_models
 from vlm.convert.hf_to_gguf import convert
 from vlm.gguf import GGUFFile, write_gguf
-from vlm.quantize import MixContext, QuantizeError, is_quantizable, quantize_file, tensor_type
+from vlm.quantize import MixContext, QuantizeError, is_quantizable, parse_type, quantize_file, tensor_type
 
 # Dequantized weight vs original, max abs error / max |w| on N(0, 1) rows (measured: Q4_K 0.10, Q5_0 0.06,
 # Q5_K 0.05, Q6_K 0.025, Q8_0 0.005): a bound per type that any broken block layout would exceed by far.
@@ -153,3 +158,54 @@ def test_real_gguf_general_file_type_codes_match_llamacpp():
     # the enum values written in general.file_type are llama.cpp's (LLAMA_FTYPE_MOSTLY_Q4_K_M = 15, ...)
     assert (F.MOSTLY_Q4_K_M, F.MOSTLY_Q5_K_M, F.MOSTLY_Q6_K, F.MOSTLY_Q8_0, F.MOSTLY_Q4_0) == (15, 17, 18, 7, 2)
     assert gguf.GGML_QUANT_VERSION == 2
+
+
+# ---- every preset against llama-quantize's own output (tests/data/quantize_presets.json) ----------------------
+PRESET_DATA = json.loads((Path(__file__).parent / "data" / "quantize_presets.json").read_text())["files"]
+
+
+@pytest.fixture(scope="module")
+def mix_inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mix")
+    return {name: quant_mix_fixture.write(root / f"{name}.gguf", name) for name in quant_mix_fixture.FILES}
+
+
+@pytest.mark.parametrize("fixture", sorted(quant_mix_fixture.FILES))
+@pytest.mark.parametrize("preset", sorted({p for f in PRESET_DATA.values() for p in f}))
+def test_presets_byte_equal_to_llama_quantize(mix_inputs, tmp_path, fixture, preset):
+    """Types per tensor, general.file_type and every tensor's bytes equal what llama-quantize wrote for the same
+    input (the K-quants, the Q2_K..Q6_K row-length fallbacks, GQA-dependent attn_v, tied output)."""
+    want = PRESET_DATA[fixture][preset]
+    plan = quantize_file(mix_inputs[fixture], tmp_path / "q.gguf", preset, progress=False)
+    g = GGUFFile(tmp_path / "q.gguf")
+    assert g.metadata["general.file_type"] == want["file_type"]
+    assert sorted(g.tensors) == sorted(want["tensors"])
+    for name, (qtype, digest) in want["tensors"].items():
+        assert (g.tensors[name].qtype.name, plan[name].name) == (qtype, qtype), name
+        assert hashlib.sha256(g.raw(name).tobytes()).hexdigest() == digest, f"{name} ({qtype}) bytes differ"
+
+
+@pytest.mark.parametrize("alias,preset", [("Q3_K", F.MOSTLY_Q3_K_M), ("q4_k", F.MOSTLY_Q4_K_M),
+                                          ("Q5_K", F.MOSTLY_Q5_K_M), ("Q2_K", F.MOSTLY_Q2_K),
+                                          ("Q3_K_L", F.MOSTLY_Q3_K_L)])
+def test_llama_quantize_preset_names_and_aliases(alias, preset):
+    assert parse_type(alias) == preset
+
+
+def test_imatrix_presets_refused_with_reason():
+    for name in ("Q2_K_S", "IQ2_XS"):
+        with pytest.raises(QuantizeError, match="importance matrix"):
+            parse_type(name)
+
+
+def test_70b_attn_v_rule():
+    """llama.cpp LLM_TYPE_70B (llama: 80 layers with GQA): a Q3_K / Q4_K attn_v becomes Q5_K; 65B (no GQA) not."""
+    names = [f"blk.{i}.attn_v.weight" for i in range(80)] + [f"blk.{i}.ffn_down.weight" for i in range(80)]
+    gqa = MixContext.from_names(names, 80, "llama", n_head=64, n_head_kv=8)
+    mha = MixContext.from_names(names, 80, "llama", n_head=64, n_head_kv=64)
+    assert gqa.is_70b and not mha.is_70b and gqa.n_gqa == 8
+    v = "blk.40.attn_v.weight"
+    assert tensor_type(v, (1024, 8192), F.MOSTLY_Q3_K_S, gqa) == T.Q5_K
+    assert tensor_type(v, (1024, 8192), F.MOSTLY_Q3_K_S, mha) == T.Q3_K
+    assert tensor_type(v, (1024, 8192), F.MOSTLY_Q2_K, gqa) == T.Q5_K      # Q4_K (n_gqa 8 >= 4) -> Q5_K
+    assert tensor_type(v, (1024, 8192), F.MOSTLY_Q2_K, mha) == T.Q3_K
