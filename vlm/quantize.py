@@ -218,11 +218,8 @@ def _head_count(g, key: str) -> int:
 
 
 def _writer(arch: str):
-    try:
-        from vlm.gguf_writer import _BulkArrayWriter as W  # fast packing of 262k-entry vocab arrays
-    except ImportError:  # pragma: no cover
-        W = gguf.GGUFWriter
-    return W(path=None, arch=arch)
+    from vlm.gguf import BulkArrayWriter     # fast packing of 262k-entry vocab arrays
+    return BulkArrayWriter(path=None, arch=arch)
 
 
 def quantize_file(src, dst, qtype, *, allow_requantize: bool = False, progress: bool = True) -> dict[str, T]:

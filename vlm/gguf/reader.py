@@ -1,4 +1,4 @@
-"""Fast memory-mapped GGUF reader, plus :func:`write_gguf` (glue over ``gguf.GGUFWriter``).
+"""Fast memory-mapped GGUF reader (:class:`GGUFFile`).
 
 File layout (GGUF v2/v3, little-endian; https://github.com/ggml-org/ggml/blob/master/docs/gguf.md):
 
@@ -32,10 +32,9 @@ from gguf import GGUFValue, GGUFValueType
 from gguf.constants import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT
 
 from vlm_kernels.quant import GGMLType, QTensor
-from vlm.gguf_errors import GGUFError, GGUFFormatError, GGUFKeyError, GGUFUnsupportedError
+from vlm.gguf.errors import GGUFError, GGUFFormatError, GGUFKeyError, GGUFUnsupportedError
 
-__all__ = ["GGUFFile", "TensorInfo", "StringArray", "write_gguf", "GGUFError", "GGUFFormatError",
-           "GGUFUnsupportedError", "GGUFKeyError", "GGUFValueType", "GGMLType"]
+__all__ = ["GGUFFile", "TensorInfo", "StringArray"]
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -516,5 +515,3 @@ class GGUFFile:
         return (f"GGUFFile({str(self.path)!r}, v{self.version}, arch={self.arch!r}, {len(self._metadata)} keys, "
                 f"{len(self._tensors)} tensors)")
 
-
-from vlm.gguf_writer import write_gguf  # noqa: E402  (re-export; the writer imports nothing from here at load)

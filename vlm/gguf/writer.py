@@ -1,4 +1,4 @@
-"""write_gguf(): build a GGUF file through ``gguf.GGUFWriter`` (re-exported by :mod:`vlm.gguf`).
+"""write_gguf(): build a GGUF file through ``gguf.GGUFWriter`` (exported by :mod:`vlm.gguf`).
 
 Value types. llama.cpp checks metadata types strictly (``block_count`` must be UINT32, ...), so plain Python
 values map to what llama.cpp expects for most keys:
@@ -44,7 +44,7 @@ _VT_TO_NP = {t: np.dtype(d).newbyteorder("<") for d, t in _NP_TO_VT.items()}
 _NP_TENSOR = {np.dtype(t) for t in (np.float32, np.float16, np.float64, np.int8, np.int16, np.int32, np.int64)}
 
 
-class _BulkArrayWriter(GGUFWriter):
+class BulkArrayWriter(GGUFWriter):
     """GGUFWriter whose long numeric/string arrays are packed in bulk (numpy ``tobytes`` / one ``join``) instead of
     one ``struct.pack`` per item: a 262k-token vocabulary (tokens + scores + types) takes ~0.1 s instead of ~2 s.
     The bytes are the same as GGUFWriter's (the round-trip tests rewrite llama.cpp's Gemma file byte-identically)."""
@@ -208,7 +208,7 @@ def write_gguf(path: str | os.PathLike, arch: str | None, metadata: Mapping[str,
         typed[k] = _typed(k, v)
     arrays = {name: _tensor_array(name, t) for name, t in (tensors or {}).items()}
 
-    writer = _BulkArrayWriter(None, arch or "")       # an empty arch writes no general.architecture key
+    writer = BulkArrayWriter(None, arch or "")       # an empty arch writes no general.architecture key
     writer.data_alignment = alignment
     for k, gv in typed.items():
         writer.add_key_value(k, gv.value, gv.type, gv.sub_type)
