@@ -7,9 +7,9 @@ from pathlib import Path
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from .hf_to_gguf import ARCHS, OUTTYPES
-    from .mmproj import SPECS
-    from .mmproj_qwen import PROJECTORS as QWEN_VL
+    from vlm.convert.hf_to_gguf import ARCHS, OUTTYPES
+    from vlm.convert.mmproj import SPECS
+    from vlm.convert.mmproj_qwen import PROJECTORS as QWEN_VL
 
     p.description = ("Convert a Hugging Face checkpoint folder to a GGUF file that llama.cpp and vlm load. "
                      f"Architectures: {', '.join(ARCHS)}. With --mmproj, write the vision tower + projector "
@@ -26,13 +26,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .hf_to_gguf import convert
-    from .tokenizer_meta import TokenizerError
+    from vlm.convert.hf_to_gguf import convert
+    from vlm.convert.tokenizer_meta import TokenizerError
 
     name = args.hf_dir.resolve().name
     try:
         if args.mmproj:
-            from .mmproj import convert_mmproj
+            from vlm.convert.mmproj import convert_mmproj
             out = args.outfile or (args.hf_dir / f"mmproj-{name}-{args.outtype}.gguf")
             path = convert_mmproj(args.hf_dir, out, args.outtype, progress=not args.no_progress)
         else:

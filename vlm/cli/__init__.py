@@ -1,4 +1,5 @@
-"""`vlm` console script. Each sub-command lives in its own module exposing add_arguments(parser) and run(args)."""
+"""`vlm` console script. Each sub-command is one module of this package exposing add_arguments(parser) and
+run(args)."""
 from __future__ import annotations
 
 import argparse
@@ -7,10 +8,10 @@ import sys
 
 # sub-command -> module. A module that is not present yet is simply not offered.
 COMMANDS = {
-    "inspect": "vlm.inspect",
-    "generate": "vlm.cli_generate",
-    "convert": "vlm.convert.cli",
-    "quantize": "vlm.quantize",
+    "inspect": "vlm.cli.inspect",
+    "generate": "vlm.cli.generate",
+    "convert": "vlm.cli.convert",
+    "quantize": "vlm.cli.quantize",
 }
 
 
