@@ -1,4 +1,4 @@
-"""Media API (vlm.mtmd, vlm.mtmd_cache, vlm.mtmd_chat): bitmaps, chunking and counting, per-projector markers,
+"""Media API (vlm.mtmd: context, cache, chat): bitmaps, chunking and counting, per-projector markers,
 the embedding cache, KV evaluation with rollback, Model.generate(images=/audio=), chat parts and bad input.
 
 Numerical parity against HF lives in tests/test_multimodal_e2e.py; here the tiny converted models only serve as
@@ -21,9 +21,8 @@ import vlm
 from vlm import mtmd
 from vlm.convert.hf_to_gguf import ConvertError, convert
 from vlm.convert.mmproj import convert_mmproj
-from vlm.convert.mmproj_audio import convert_audio_mmproj
 from vlm.kv_cache import ContextFullError
-from vlm.mtmd_cache import EmbeddingCache
+from vlm.mtmd.cache import EmbeddingCache
 from vlm.preprocess.image import ImageError, ImageTooLargeError
 
 DATA = Path(__file__).parent / "data"
@@ -41,9 +40,8 @@ def files(tmp_path_factory):
     def get(name):
         if name not in cache:
             d = MAKERS[name](root / name)
-            conv = convert_audio_mmproj if name == "qwen2a" else convert_mmproj
             cache[name] = (d, convert(d, root / f"{name}.gguf", "f32", progress=False),
-                           conv(d, root / f"mmproj-{name}.gguf", "f32"))
+                           convert_mmproj(d, root / f"mmproj-{name}.gguf", "f32"))
         return cache[name]
     return get
 
@@ -62,7 +60,7 @@ def _png(h: int, w: int, seed: int = 0) -> bytes:
 def _kv_state(model, seq=0):
     n = model.kv.seq_len(seq)
     return (list(model.kv.n_cells), list(model.kv.pos_next),
-            [k[seq, :n].clone() for k in model.kv.k], model._cached.get(seq))
+            [k[seq, :n].clone() for k in model.kv.k], model.kv.keys(seq))
 
 
 def _same_state(a, b) -> bool:
@@ -154,7 +152,7 @@ def test_idefics3_layout_matches_hf_processor(files, hw):
     stub = SimpleNamespace(fake_image_token="<fake_token_around_image>", global_image_tag="<global-img>",
                            image_token="<image>", image_seq_len=4)
     want = Idefics3Processor.replace_image_token(stub, {"rows": [[rows]], "cols": [[cols]]}, 0)
-    layout = mtmd.context(model)._image_layout(mtmd.Bitmap.from_bytes(png))
+    layout = mtmd.context(model).layout(mtmd.Bitmap.from_bytes(png))
     got = "".join(x if isinstance(x, str) else "<image>" * x.n_tokens for x in layout)
     assert got == want
     n_img = sum(not isinstance(x, str) for x in layout)
@@ -181,14 +179,14 @@ def test_qwen2a_audio_markers_and_windows(files):
         mtmd.tokenize(model, "<__media__>", [_png(8, 8)])
 
 
-def test_full_size_audio_windows_are_30s(files):
+def test_full_size_audio_windows_are_30s(files, monkeypatch):
     """With Whisper's 1500-position table a window is 3000 frames: a 75 s clip gives 3 AUDIO chunks (hf mode)."""
     from vlm.preprocess.audio import n_audio_chunks
     model = _load(files, "qwen2a")
-    ctx = mtmd.context(model)
-    ctx.audio_window_frames = lambda: 3000
-    assert ctx._audio_windows(75 * 16_000) == n_audio_chunks(75 * 16_000) == 3
-    assert ctx._audio_windows(30 * 16_000) == 1
+    enc = model.audio_encoder
+    monkeypatch.setattr(type(enc), "window_frames", property(lambda self: 3000))
+    assert enc.n_windows(75 * 16_000, mode="hf") == n_audio_chunks(75 * 16_000) == 3
+    assert enc.n_windows(30 * 16_000, mode="hf") == 1
 
 
 def test_load_mmproj_dispatches_audio_files(files):
@@ -264,12 +262,12 @@ def test_eval_chunks_piecewise_equals_whole(files):
     assert torch.allclose(mtmd.context(model).last_logits, whole, atol=1e-5)
 
 
-def test_bad_media_leave_cache_and_session_untouched(files):
+def test_bad_media_leave_cache_untouched(files):
     model = _load(files, "llava", n_ctx=40)
     good = _png(40, 40, 5)
     model.generate("USER: <__media__> hi ASSISTANT:", images=[good], max_tokens=2, temperature=0)
     ctx = mtmd.context(model)
-    before, sess = _kv_state(model), ctx.sessions.get(0)
+    before = _kv_state(model)
     cases = [
         (_png(40, 40)[:80], ImageError, "corrupt or truncated"),
         (b"not an image at all", ImageError, "cannot identify image"),
@@ -278,24 +276,23 @@ def test_bad_media_leave_cache_and_session_untouched(files):
     for src, err, msg in cases:
         with pytest.raises(err, match=msg):
             model.generate("USER: <__media__> hi ASSISTANT:", images=[src], max_tokens=2, temperature=0)
-        assert _same_state(_kv_state(model), before) and ctx.sessions.get(0) is sess
+        assert _same_state(_kv_state(model), before)
     ctx.max_pixels = 1000                                    # decompression-bomb guard, from the header
     with pytest.raises(ImageTooLargeError, match="above the limit of 1000 pixels"):
         model.generate("<__media__>", images=[_png(40, 40)], max_tokens=1)
     ctx.max_pixels = None
     with pytest.raises(ContextFullError, match=r"needs \d+ positions .* n_ctx=40"):
         model.generate("<__media__>" * 12, images=[good] * 12, max_tokens=1)
-    assert _same_state(_kv_state(model), before) and ctx.sessions.get(0) is sess
+    assert _same_state(_kv_state(model), before)
 
 
 def test_error_during_decode_restores_overwritten_rows(files, monkeypatch):
     """A failure in the middle of evaluation (after earlier chunks were written over reused rows) rolls the KV
-    rows, counters, token record and session back."""
+    rows, counters and the record of what the rows hold back."""
     model = _load(files, "llava")
     png = _png(40, 40, 6)
     model.generate("USER: <__media__> one two three ASSISTANT:", images=[png], max_tokens=3, temperature=0)
-    ctx = mtmd.context(model)
-    before, sess = _kv_state(model), ctx.sessions.get(0)
+    before = _kv_state(model)
     real, calls = model.text.forward, []
 
     def flaky(batch, kv, n_batch):
@@ -306,7 +303,7 @@ def test_error_during_decode_restores_overwritten_rows(files, monkeypatch):
     monkeypatch.setattr(model.text, "forward", flaky)
     with pytest.raises(RuntimeError, match="boom"):
         model.generate("USER: <__media__> four <__media__> ASSISTANT:", images=[png, png], max_tokens=2)
-    assert len(calls) == 2 and _same_state(_kv_state(model), before) and ctx.sessions.get(0) is sess
+    assert len(calls) == 2 and _same_state(_kv_state(model), before)
 
 
 # ------------------------------------------------------------------------------------------------- user surface

@@ -24,7 +24,6 @@ import vlm
 from vlm import mtmd
 from vlm.convert.hf_to_gguf import convert
 from vlm.convert.mmproj import convert_mmproj
-from vlm.convert.mmproj_audio import convert_audio_mmproj
 
 # Max abs error of the last-row logits vs HF fp32 (|logits| <= ~1 here); measured <= ~1e-6.
 TOL = {"logits_vs_hf": 1e-4}
@@ -60,12 +59,12 @@ def tiny(tmp_path_factory):
         elif name == "qwen2a":
             from transformers import Qwen2AudioForConditionalGeneration
             d = hf_tiny.make_tiny_qwen2_audio(root / name)
-            mm = convert_audio_mmproj(d, root / "mmproj-qwen2a.gguf", "f32")
+            mm = convert_mmproj(d, root / "mmproj-qwen2a.gguf", "f32")
             text = convert(d, root / "qwen2a.gguf", "f32", progress=False)
             hf = Qwen2AudioForConditionalGeneration.from_pretrained(str(d), dtype=torch.float32).eval()
         else:  # ultravox: the text model is a separate Llama
             d = hf_tiny.make_tiny_ultravox(root / name, with_text=True)
-            mm = convert_audio_mmproj(d, root / "mmproj-ultravox.gguf", "f32")
+            mm = convert_mmproj(d, root / "mmproj-ultravox.gguf", "f32")
             text = convert(d / "text", root / "ultravox-text.gguf", "f32", progress=False)
             hf = hf_tiny.load_hf(d / "text")
         model = vlm.load(text, mmproj=mm, device="cpu", dtype=torch.float32, n_ctx=512)
@@ -167,7 +166,7 @@ def test_qwen2_audio_logits_match_hf(tiny):
     chunks = mtmd.tokenize(model, "<|im_start|>user\nAudio: <__media__> what is it?<|im_end|>\n", [bmp])
     audio = [c for c in chunks if c.type == "audio"]
     assert len(audio) == 2 and all(c.n_tokens == 25 for c in audio)   # 1.5 s -> two 1 s windows of the tiny encoder
-    mel = torch.stack(mtmd.context(model)._mel_windows(bmp))             # [2, 128, 100]
+    mel = torch.stack(mtmd.context(model).mel_windows(bmp))             # [2, 128, 100]
     ids, _ = _rows(chunks, hf.config.audio_token_index)
     with torch.no_grad():
         ref = hf(input_ids=ids, input_features=mel, attention_mask=torch.ones_like(ids),
@@ -181,7 +180,7 @@ def test_ultravox_logits_match_reference(tiny):
     rng = np.random.default_rng(6)
     bmp = mtmd.Bitmap.from_array((0.2 * rng.standard_normal(16_000)).astype(np.float32), "audio")
     chunks = mtmd.tokenize(model, "Listen: <__media__> Transcribe.", [bmp])
-    mel = torch.stack(mtmd.context(model)._mel_windows(bmp))
+    mel = torch.stack(mtmd.context(model).mel_windows(bmp))
     emb = _ultravox_reference(d, mel).reshape(-1, 64)
     assert [c.n_tokens for c in chunks if c.type == "audio"] == [emb.shape[0]]
     with torch.no_grad():

@@ -329,7 +329,7 @@ def test_gpu_bf16_vision_and_logits(tiny, v):
 def test_encoder_reports_mrope_layout(tiny):
     _, _, m = tiny("2")
     enc = m.mmproj
-    assert enc.uses_mrope and enc.token_grid(84, 140) == (3, 5) and enc.n_pos(84, 140) == 5
+    assert enc.USES_MROPE and enc.token_grid(84, 140) == (3, 5) and enc.n_pos(84, 140) == 5
     assert enc.n_tokens(84, 140) == 15
     assert torch.equal(enc.decoder_positions(84, 140, 7), mrope.image_positions(7, 3, 5))
 

@@ -244,8 +244,11 @@ def test_video_bad_input(tiny):
         m.generate("<__media__>x", videos=[_frames(90, seed=4)], max_tokens=1, temperature=0)
     assert m.kv.seq_len(0) == before
 
-    class _Clip:   # a vision encoder without M-RoPE (CLIP / SigLIP towers)
-        config = type("C", (), {"projector_type": "mlp"})()
+    from vlm.encoders.base import MmprojEncoder
+
+    class _Clip(MmprojEncoder):   # a vision encoder without M-RoPE (CLIP / SigLIP towers): the base class's facts
+        def __init__(self):
+            self.config = type("C", (), {"projector_type": "mlp"})()
     ctx = mtmd.context(m)
     vision = ctx.vision
     try:

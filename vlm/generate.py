@@ -93,7 +93,6 @@ def generate_tokens(model, prompt: list[int], *, max_tokens: int, params: Sampli
         logits = model.eval_tokens(todo, seq=seq)        # [n_vocab]: logits of the last prompt token
     else:
         logits = prefilled_logits.reshape(-1)
-        model.note_cached(seq, None)
     base_cells = kv.seq_len(seq)                         # context rows; generated rows follow
     sampler = Sampler(params, device, torch.tensor(prompt, dtype=torch.int64))
     tok = sampler(logits)
@@ -135,8 +134,7 @@ def generate_tokens(model, prompt: list[int], *, max_tokens: int, params: Sampli
         # the cache keeps prompt + the accepted tokens that were fed; rows computed past a stop are dropped
         keep = min(n_fed, len(out))
         kv.truncate(seq, base_cells + keep)
-        if prefilled_logits is None:
-            model.note_cached(seq, list(prompt) + out[:keep])
+        kv.record(seq, out[:keep], start=base_cells)
 
 
 __all__ = ["GenerationStats", "GenerationResult", "generate_tokens", "decode_ubatch"]

@@ -10,6 +10,12 @@ one cell per token). `n_cells[s]` counts used cells, `pos_next[s]` is one past t
 Sliding-window layers keep every row (no ring buffer, so truncation and prefix reuse always work) but only the
 last `window` rows are handed to the attention kernels: a decode step reads O(window), not O(n_past).
 
+What each sequence holds is recorded here, once: ``keys(seq)`` has one entry per used cell -- the token id, a
+media row key (what :mod:`vlm.mtmd` records for image / audio rows), or None where the writer did not say (rows
+of a user-built ``Model.forward`` batch). Prefix reuse (``common_prefix``) compares against it; ``truncate``,
+``clear`` and ``rollback`` keep it in step with the cells. :meth:`checkpoint` / :meth:`rollback` undo anything a
+call does to one sequence (cells, positions, keys and the K/V rows it overwrote after truncating).
+
 A forward pass first builds an :class:`AttnPlan` for its micro-batch (where each row is written, which cache
 rows each sequence attends to), writes K/V per layer with :meth:`KVCache.store`, and calls :meth:`commit`
 only after every layer succeeded: an exception mid-way leaves the cache as it was (rows written past
@@ -68,6 +74,17 @@ class AttnPlan:
         return self.spans[0] if len(self.spans) == 1 else None
 
 
+@dataclass
+class KVCheckpoint:
+    """What KVCache.rollback needs to put one sequence back (see KVCache.checkpoint)."""
+    seq: int
+    start: int
+    state: tuple
+    cell_pos: np.ndarray
+    keys: list
+    rows: list | None
+
+
 class KVCache:
     def __init__(self, n_layer: int, n_seq: int, n_ctx: int, n_head_kv: int, head_dim: int,
                  head_dim_v: int | None = None, *, windows: list[int | None] | None = None,
@@ -86,6 +103,7 @@ class KVCache:
         self.n_cells = [0] * n_seq
         self.pos_next = [0] * n_seq
         self._cell_pos = np.zeros((n_seq, n_ctx), dtype=np.int64)  # largest position (over planes) per cell
+        self._keys: list[list] = [[] for _ in range(n_seq)]       # per used cell: what it holds (or None)
 
     @classmethod
     def for_config(cls, cfg, n_seq: int, n_ctx: int, dtype, device) -> "KVCache":
@@ -117,6 +135,7 @@ class KVCache:
             self._check_seq(s)
             self.n_cells[s] = 0
             self.pos_next[s] = 0
+            self._keys[s] = []
 
     def truncate(self, seq: int, n: int) -> None:
         """Keep the first n cells of `seq` (drop a rejected continuation, reuse a shared prompt prefix)."""
@@ -125,13 +144,64 @@ class KVCache:
             raise ValueError(f"truncate: sequence {seq} has {self.n_cells[seq]} cells, cannot keep {n}")
         self.n_cells[seq] = n
         self.pos_next[seq] = int(self._cell_pos[seq, :n].max()) + 1 if n else 0
+        del self._keys[seq][n:]
 
     def snapshot(self) -> tuple:
+        """Cheap state for undoing appends (what a forward pass does); see checkpoint() for anything else."""
         return list(self.n_cells), list(self.pos_next)
 
     def restore(self, state: tuple) -> None:
-        """Roll back to a snapshot (cells written since are forgotten)."""
+        """Roll back to a snapshot: cells appended since are forgotten (with their keys)."""
         self.n_cells, self.pos_next = list(state[0]), list(state[1])
+        for s, n in enumerate(self.n_cells):
+            del self._keys[s][n:]
+
+    # ---- what each sequence holds -------------------------------------------------------------------------
+    def keys(self, seq: int = 0) -> list:
+        """One entry per used cell of `seq`: token id, media row key, or None (unknown)."""
+        self._check_seq(seq)
+        return list(self._keys[seq])
+
+    def record(self, seq: int, keys, start: int | None = None) -> None:
+        """Say what cells [start, start + len(keys)) of `seq` hold (default: the last len(keys) cells)."""
+        self._check_seq(seq)
+        keys = list(keys)
+        n = self.n_cells[seq]
+        start = n - len(keys) if start is None else int(start)
+        if start < 0 or start + len(keys) > n:
+            raise ValueError(f"record: cells [{start}, {start + len(keys)}) are outside the {n} used cells of "
+                             f"sequence {seq}")
+        self._keys[seq][start:start + len(keys)] = keys
+
+    def common_prefix(self, seq: int, keys, limit: int | None = None) -> int:
+        """Length of the longest prefix of `keys` that the cache of `seq` holds (None entries never match)."""
+        held = self._keys[seq]
+        lim = min(len(held), len(keys), len(keys) if limit is None else max(0, int(limit)))
+        n = 0
+        while n < lim and held[n] is not None and held[n] == keys[n]:
+            n += 1
+        return n
+
+    def checkpoint(self, seq: int, start: int | None = None) -> "KVCheckpoint":
+        """Everything a call may change in `seq` from cell `start` (default: its current end) on."""
+        self._check_seq(seq)
+        end = self.n_cells[seq]
+        start = end if start is None else int(start)
+        rows = [(k[seq, start:end].clone(), v[seq, start:end].clone()) for k, v in zip(self.k, self.v)] \
+            if end > start else None
+        return KVCheckpoint(seq, start, self.snapshot(), self._cell_pos[seq].copy(), list(self._keys[seq]), rows)
+
+    def rollback(self, ck: "KVCheckpoint") -> None:
+        """Undo everything done to sequence ck.seq since checkpoint() (other sequences keep their appends)."""
+        seq = ck.seq
+        if ck.rows is not None:
+            n = ck.rows[0][0].shape[0]
+            for (k, v), (ks, vs) in zip(zip(self.k, self.v), ck.rows):
+                k[seq, ck.start:ck.start + n] = ks
+                v[seq, ck.start:ck.start + n] = vs
+        self._cell_pos[seq] = ck.cell_pos
+        self.n_cells[seq], self.pos_next[seq] = ck.state[0][seq], ck.state[1][seq]
+        self._keys[seq] = list(ck.keys)
 
     # ---- planning -----------------------------------------------------------------------------------------
     def plan(self, ub) -> AttnPlan:
@@ -179,6 +249,9 @@ class KVCache:
             if pmax is not None:
                 self._cell_pos[sp.seq, sp.cell0:sp.cell0 + sp.n] = pmax[sp.row0:sp.row0 + sp.n]
             self.n_cells[sp.seq] = sp.cell0 + sp.n
+            held = self._keys[sp.seq]
+            del held[sp.cell0:]
+            held.extend([None] * sp.n)           # unknown until the writer records them
             self.pos_next[sp.seq] = max(self.pos_next[sp.seq] if sp.cell0 else 0, plan.max_pos[sp.seq] + 1)
 
     # ---- per layer ----------------------------------------------------------------------------------------

@@ -39,7 +39,6 @@ class Model:
         self.mmproj = None                # vision encoder + projector (vlm.encoders), from load(mmproj=...)
         self.audio_encoder = None         # audio encoder + projector, from an mmproj with an audio tower
         self.last_result: GenerationResult | None = None
-        self._cached: dict[int, list[int] | None] = {}   # seq -> tokens known to be in its cache
 
     # ---- properties ---------------------------------------------------------------------------------------
     @property
@@ -100,42 +99,30 @@ class Model:
     def reset(self, seq: int | None = None) -> None:
         """Forget the cached context of `seq` (all sequences when None)."""
         self.kv.clear(seq)
-        if seq is None:
-            self._cached.clear()
-        else:
-            self._cached.pop(seq, None)
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """Evaluate `batch` on top of each sequence's cached context; returns the logits [n_out, n_vocab] of the
-        rows marked for output, in batch order. On error the cache is left as it was."""
-        for s in batch.seq_ids():
-            self._cached[s] = None   # the cache now holds rows generate() did not track
+        rows marked for output, in batch order. On error the cache is left as it was. The rows count as unknown
+        for prefix reuse (a user batch may put them anywhere)."""
         return self.text.forward(batch, self.kv, self.n_batch)
 
     def eval_tokens(self, ids: Sequence[int], seq: int = 0) -> torch.Tensor:
         """Append `ids` to sequence `seq` at its next positions; logits of the last one [n_vocab]."""
-        b = Batch().add_text(list(ids), pos=self.kv.n_past(seq), seq_id=seq, logits="last")
-        return self.text.forward(b, self.kv, self.n_batch)[-1]
+        ids = list(ids)
+        b = Batch().add_text(ids, pos=self.kv.n_past(seq), seq_id=seq, logits="last")
+        out = self.text.forward(b, self.kv, self.n_batch)[-1]
+        self.kv.record(seq, ids)
+        return out
 
     def prepare_prompt(self, prompt: Sequence[int], seq: int = 0) -> int:
         """Make the cache of `seq` hold the longest reusable prefix of `prompt` (at least one token is left to
         evaluate, to get logits); returns its length."""
-        cached = self._cached.get(seq)
-        n = 0
-        if cached:
-            lim = min(len(cached), len(prompt) - 1)
-            while n < lim and cached[n] == prompt[n]:
-                n += 1
+        n = self.kv.common_prefix(seq, list(prompt), limit=len(prompt) - 1)
         if n:
             self.kv.truncate(seq, n)
         else:
             self.kv.clear(seq)
-        self._cached[seq] = list(prompt[:n])
         return n
-
-    def note_cached(self, seq: int, tokens: list[int] | None) -> None:
-        """Record which tokens the cache of `seq` holds (None: unknown, e.g. after image chunks)."""
-        self._cached[seq] = tokens
 
     # ---- generation ---------------------------------------------------------------------------------------
     def _prompt_ids(self, prompt, *, add_special: bool, chat_template: str | None) -> list[int]:
@@ -191,7 +178,7 @@ class Model:
         directory of images, an animated GIF / WebP / PNG or Bitmap.from_video(..., fps=)) for the `<__media__>`
         markers of the prompt (placed at its start when it has none); chat messages may also carry image / audio /
         video content parts. Needs an mmproj (load(..., mmproj=...)); video needs Qwen2-VL / 2.5-VL. See
-        vlm.mtmd_chat.
+        vlm.mtmd.chat.
         """
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
             raise ValueError(f"max_tokens must be an int >= 0, got {max_tokens!r}")
@@ -201,7 +188,7 @@ class Model:
         if any(not isinstance(s, str) or not s for s in stops):
             raise ValueError(f"stop must be a non-empty string or a list of them, got {stop!r}")
         self.kv._check_seq(seq_id)
-        from vlm import mtmd_chat
+        from vlm.mtmd import chat as mtmd_chat
         if images or audio or videos or mtmd_chat.has_media_parts(prompt):
             return mtmd_chat.generate(self, prompt, images=images or (), audio=audio or (), max_tokens=max_tokens,
                                       params=params, stops=stops, seq_id=seq_id, stream=stream,

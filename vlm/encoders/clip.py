@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import vlm_kernels
+from vlm.encoders.common import MmprojError
 from vlm.graph import linear
 
 ACTS = {
@@ -66,8 +67,6 @@ class VisionTower:
     """Runs the ViT of an :class:`~vlm.encoders.base.MmprojEncoder` over groups of same-size images."""
 
     def __init__(self, enc):
-        from vlm.encoders.base import MmprojError
-
         self.enc = enc
         cfg = enc.config
         w = enc.weights

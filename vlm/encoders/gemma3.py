@@ -7,7 +7,8 @@
     proj  x @ mm.input_projection           stored [d_vision, d_text] (torch order), as HF's parameter
 
 (HF Gemma3MultiModalProjector; llama.cpp tools/mtmd/models/siglip.cpp.) Tokens per image: (n / k)², 256 for the
-released models. The decoder attends to these tokens non-causally (mtmd's job, not the encoder's).
+released models. In the prompt an image is ``<start_of_image>`` + its tokens + ``<end_of_image>``, and the decoder
+attends to its rows non-causally (HF Gemma3 token_type_ids mask; llama.cpp's non-causal image batch).
 """
 from __future__ import annotations
 
@@ -16,13 +17,16 @@ import torch.nn.functional as F
 
 import vlm_kernels
 from vlm_kernels.quant import QTensor
-from vlm.encoders.base import MmprojEncoder, MmprojError
+from vlm.encoders.base import MmprojEncoder, MmprojError, _tensor
+from vlm.preprocess import image as pimg
 
 DEFAULT_POOL = 4   # llama.cpp's default n_merge for gemma3 (the key is written only when it differs)
 
 
 class Gemma3Encoder(MmprojEncoder):
     PROJECTOR_TYPE = "gemma3"
+    MEDIA_BEGIN, MEDIA_END = "<start_of_image>", "<end_of_image>"
+    NON_CAUSAL = True
 
     def __init__(self, config, weights, **kw):
         super().__init__(config, weights, **kw)
@@ -41,6 +45,12 @@ class Gemma3Encoder(MmprojEncoder):
     @classmethod
     def projector_tensor_names(cls, cfg):
         return ["mm.input_projection.weight", "mm.soft_emb_norm.weight"], []
+
+    def preprocess_image(self, image, *, mode: str) -> list:
+        """Gemma3ImageProcessor: a plain resize to image_size × image_size (no crop)."""
+        cfg = self.config
+        return [_tensor(pimg.preprocess_gemma3(image, size=cfg.image_size, mean=cfg.image_mean, std=cfg.image_std,
+                                               mode=mode))]
 
     @property
     def n_embd_out(self) -> int:

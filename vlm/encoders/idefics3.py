@@ -6,15 +6,21 @@ patches becomes one token whose s²·d channels are ordered (row-in-block, col-i
 
     [B, h, w, d] -> [B, h, w/s, d·s] -> swap (h, w/s) -> [B, w/s, h/s, d·s²] -> swap back -> [B, h/s · w/s, d·s²]
 
-Tokens per tile: (n/s)² with n = image_size / patch_size (64 for SmolVLM's 512/16 with s = 4). Tiling the image
-into a grid plus an overview, and the tile marker tokens, are preprocessing / mtmd concerns.
+Tokens per tile: (n/s)² with n = image_size / patch_size (64 for SmolVLM's 512/16 with s = 4).
+
+Prompt layout of one image (HF Idefics3Processor): rows of ``<fake_token_around_image><row_R_col_C>`` + tile,
+``\n`` after each row, then ``\n<fake_token_around_image><global-img>`` + overview + ``<fake_token_around_image>``;
+the grid comes from vlm.preprocess.tiling (longest edge clip.vision.preproc_image_size, tiles of image_size).
 """
 from __future__ import annotations
 
 import torch
 
-from vlm.encoders.base import MmprojEncoder, MmprojError
+from vlm.encoders.base import MediaPiece, MmprojEncoder, MmprojError, _tensor
 from vlm.graph import linear
+from vlm.preprocess import tiling
+
+FAKE, GLOBAL = "<fake_token_around_image>", "<global-img>"
 
 
 def pixel_shuffle(x: torch.Tensor, h: int, w: int, s: int) -> torch.Tensor:
@@ -42,6 +48,28 @@ class Idefics3Encoder(MmprojEncoder):
     @classmethod
     def projector_tensor_names(cls, cfg):
         return ["mm.model.fc.weight"], ["mm.model.fc.bias"]
+
+    def _tiling(self) -> dict:
+        s = self.config.image_size
+        return dict(longest_edge=self.config.preproc_image_size or s, tile_size=s)
+
+    def image_layout(self, height: int, width: int, *, mode: str) -> list:
+        s = self.config.image_size
+        n = self.n_tokens(s, s)
+        rows, cols = tiling.idefics3_grid(height, width, mode=mode, **self._tiling())
+        out, part = [], 0
+        for r in range(rows):
+            for c in range(cols):
+                out += [f"{FAKE}<row_{r + 1}_col_{c + 1}>", MediaPiece(n, n, part=part)]
+                part += 1
+            out.append("\n")
+        return out + [("\n" if rows else "") + FAKE + GLOBAL, MediaPiece(n, n, part=part), FAKE]
+
+    def preprocess_image(self, image, *, mode: str) -> list:
+        """The tiles (row-major) then the overview, each image_size × image_size."""
+        cfg = self.config
+        tiles = tiling.preprocess_idefics3(image, mean=cfg.image_mean, std=cfg.image_std, mode=mode, **self._tiling())
+        return [_tensor(p) for p in tiles.pixel_values]
 
     @property
     def n_embd_out(self) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from vlm.encoders.base import MmprojError
+from vlm.encoders.common import MmprojError
 from vlm.encoders.whisper import AudioEncoder
 from vlm.graph import linear
 
@@ -17,6 +17,7 @@ from vlm.graph import linear
 class Qwen2AudioEncoder(AudioEncoder):
     PROJECTOR_TYPE = "qwen2a"
     AVG_POOL = 2
+    MEDIA_BEGIN, MEDIA_END = "<|audio_bos|>", "<|audio_eos|>"      # HF Qwen2AudioProcessor
 
     def __init__(self, config, weights, **kw):
         super().__init__(config, weights, **kw)

@@ -17,6 +17,14 @@ tokens); attention runs within each window except at the full-attention layers (
 (HF fullatt_block_indexes). Tokens are permuted into window order once after the patch embedding (with their
 RoPE positions) and the merged output is permuted back (HF get_vision_window_index / argsort). Attention is
 always one varlen vlm_kernels.attention call (cu_seqlens = windows, or frames of each image at full layers).
+
+In the prompt (Qwen2-VL / 2.5-VL processors and chat templates) an image or a video is ``<|vision_start|>`` + its
+tokens + ``<|vision_end|>``; its rows get M-RoPE positions (vlm.mrope): a rows × cols token grid advances the next
+position by max(rows, cols). A video: frames resized to the smart_resize size of the first frame (same limits as
+images unless the video sets its own min_pixels / max_pixels) and paired into t = ceil(n_frames / 2) temporal
+slots, an odd count repeating its last frame (vlm.preprocess.qwen_video); slot k sits at p + floor(k · step),
+step 1 for Qwen2-VL and tokens_per_second · 2 / fps for Qwen2.5-VL (HF second_per_grid_ts; HF get_rope_index).
+Frames of different sizes are refused unless the video's frame policy is "resize".
 """
 from __future__ import annotations
 
@@ -27,8 +35,11 @@ import torch
 import torch.nn.functional as F
 
 import vlm_kernels
-from vlm.encoders.base import MmprojEncoder, MmprojError, VisionConfig, fuse_qkv, load_weights
+from vlm.encoders.base import MediaPiece, MmprojEncoder, MmprojError, VisionConfig, fuse_qkv, load_weights
 from vlm.graph import linear
+from vlm.mrope import image_positions
+from vlm.preprocess.qwen_image import preprocess_qwen2vl, qwen2vl_resized_size
+from vlm.preprocess.qwen_video import VideoFrameSizeError, preprocess_qwen2vl_video
 from vlm.registry import check_tensors
 
 V = "clip.vision."
@@ -87,6 +98,8 @@ def rope_positions(grid_thw: Sequence[Sequence[int]], merge: int = MERGE) -> tor
 class Qwen2VLEncoder(MmprojEncoder):
     PROJECTOR_TYPE = "qwen2vl_merger"
     WINDOWED = False
+    MEDIA_BEGIN, MEDIA_END = "<|vision_start|>", "<|vision_end|>"
+    USES_MROPE = True
 
     def __init__(self, config: VisionConfig, weights: dict, *, device=None, dtype=None, path: str = "<weights>",
                  n_wa_pattern: int = 0, window_px: int = DEFAULT_WINDOW,
@@ -171,8 +184,6 @@ class Qwen2VLEncoder(MmprojEncoder):
                               f"resize with vlm.preprocess.qwen_image.smart_resize")
 
     # M-RoPE decoding (vlm.mrope): an image of height × width preprocessed pixels is a rows × cols token grid
-    uses_mrope = True
-
     def token_grid(self, height: int, width: int) -> tuple[int, int]:
         """(rows, cols) of merged tokens for a preprocessed height × width image."""
         self._check_size(int(height), int(width))
@@ -186,7 +197,6 @@ class Qwen2VLEncoder(MmprojEncoder):
     def decoder_positions(self, height: int, width: int, pos0: int, n_frames: int = 1,
                           time_interval: float = 1.0) -> torch.Tensor:
         """[4, n_tokens] M-RoPE planes of the image's (or video's: n_frames temporal slots) tokens from pos0."""
-        from vlm.mrope import image_positions
         return image_positions(pos0, *self.token_grid(height, width), n_frames, time_interval)
 
     def video_time_interval(self, fps: float) -> float:
@@ -199,6 +209,46 @@ class Qwen2VLEncoder(MmprojEncoder):
             return 1.0
         step = self.tokens_per_second * torch.tensor(TEMPORAL_PATCH / float(fps), dtype=torch.float32)
         return float(step)
+
+    # ---- media facts (what vlm.mtmd asks) ----------------------------------------------------------------
+    def _resized(self, height: int, width: int, mode: str, pixel_limits: tuple = (None, None)) -> tuple[int, int]:
+        lo, hi = pixel_limits
+        return qwen2vl_resized_size(height, width, patch_size=self.config.patch_size, mode=mode, min_pixels=lo,
+                                    max_pixels=hi)
+
+    def image_layout(self, height: int, width: int, *, mode: str) -> list:
+        rh, rw = self._resized(height, width, mode)
+        return self.wrap([MediaPiece(self.n_tokens(rh, rw), self.n_pos(rh, rw), hw=(rh, rw))])
+
+    def preprocess_image(self, image, *, mode: str) -> list:
+        """One QwenImage (patches + grid_thw) at the smart_resize size."""
+        cfg = self.config
+        return [preprocess_qwen2vl(image, patch_size=cfg.patch_size, mean=cfg.image_mean, std=cfg.image_std,
+                                   mode=mode)]
+
+    def chunk_positions(self, piece, n_past: int) -> torch.Tensor:
+        return self.decoder_positions(*piece.hw, n_past, piece.n_frames, piece.time_interval)
+
+    def video_layout(self, frame_sizes, *, fps: float, policy: str, pixel_limits: tuple, mode: str,
+                     name: str) -> list:
+        h, w = frame_sizes[0]
+        if policy == "error":
+            for i, sz in enumerate(frame_sizes[1:], 1):
+                if tuple(sz) != (h, w):
+                    raise VideoFrameSizeError(f"{name}: frame {i} is {sz[1]}x{sz[0]} but frame 0 is {w}x{h}: all "
+                                              f"frames of a video must share one size (or use frame_policy='resize')")
+        rh, rw = self._resized(h, w, mode, pixel_limits)
+        rows, cols = self.token_grid(rh, rw)
+        t = -(-len(frame_sizes) // TEMPORAL_PATCH)
+        return self.wrap([MediaPiece(t * rows * cols, max(rows, cols), hw=(rh, rw), n_frames=t,
+                                     time_interval=self.video_time_interval(fps))])
+
+    def preprocess_video(self, frames, *, policy: str, pixel_limits: tuple, mode: str, name: str):
+        """One QwenImage of the video: grid_thw (t, h / p, w / p)."""
+        cfg = self.config
+        lo, hi = pixel_limits
+        return preprocess_qwen2vl_video(frames, patch_size=cfg.patch_size, mean=cfg.image_mean, std=cfg.image_std,
+                                        mode=mode, policy=policy, min_pixels=lo, max_pixels=hi)
 
     def is_full_attn(self, il: int) -> bool:
         return not self.WINDOWED or (il + 1) % self.n_wa_pattern == 0

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import vlm_kernels
-from vlm.encoders.base import MmprojError
+from vlm.encoders.common import MmprojError
 from vlm.encoders.whisper import AudioEncoder
 from vlm.graph import linear
 

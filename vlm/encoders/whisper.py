@@ -37,9 +37,12 @@ import torch.nn.functional as F
 
 import vlm_kernels
 from vlm_kernels.quant import QTensor
-from vlm.encoders.base import MmprojError, MmprojMismatchError, _default_device, fuse_qkv, load_weights
+from vlm.encoders.common import (MediaFacts, MediaPiece, MmprojError, MmprojMismatchError, default_device, fuse_qkv,
+                                 load_weights)
+from vlm.errors import MediaError
 from vlm.gguf import GGUFFile, GGUFKeyError
 from vlm.graph import linear
+from vlm.preprocess.audio import CHUNK_FRAMES, HOP_LENGTH, log_mel_spectrogram, n_audio_chunks
 from vlm.registry import check_tensors, encoder_class
 
 # GGUF keys (gguf-py Keys.Clip / Keys.ClipAudio; llama.cpp clip-impl.h)
@@ -50,7 +53,6 @@ A = "clip.audio."
 KEY_STACK_FACTOR = A + "projector.stack_factor"
 
 SAMPLE_RATE = 16_000          # every Whisper-family projector (llama.cpp hard-codes it per projector type)
-CHUNK_FRAMES = 3000           # one 30 s log-mel chunk (vlm.preprocess.audio.CHUNK_FRAMES)
 CONV_KERNEL = 3
 _BLOCK = ("attn_q", "attn_k", "attn_v", "attn_out", "ln1", "ln2", "ffn_up", "ffn_down")
 _BLOCK_BIAS = ("attn_q", "attn_v", "attn_out", "ln1", "ln2", "ffn_up", "ffn_down")   # + attn_k (optional)
@@ -113,7 +115,7 @@ def _conv_im2col(x: torch.Tensor, stride: int) -> torch.Tensor:
     return cols.reshape(B * cols.shape[1], C * CONV_KERNEL)
 
 
-class AudioEncoder:
+class AudioEncoder(MediaFacts):
     """A Whisper encoder (+ a projector in subclasses). Weights keep their GGUF names (``a.blk.0.attn_q.weight``,
     ``mm.a.fc.bias``). Subclasses set PROJECTOR_TYPE and implement ``projector_tensor_names``, ``n_embd_out``,
     ``n_tokens_pos`` and ``project``; this base class alone is the bare encoder (output = post-LN hidden states)."""
@@ -124,7 +126,7 @@ class AudioEncoder:
 
     def __init__(self, config: AudioConfig, weights: dict, *, device=None, dtype=None, path: str = "<weights>"):
         self.config = config
-        self.device = torch.device(device) if device is not None else _default_device()
+        self.device = torch.device(device) if device is not None else default_device()
         self.dtype = dtype or (torch.float32 if self.device.type == "cpu" else torch.bfloat16)
         self.path = path
         check_tensors(weights, self.tensor_names(config)[0], path, f"audio mmproj {config.projector_type or 'whisper'}")
@@ -212,6 +214,41 @@ class AudioEncoder:
                               f"{self.config.projector_type} projector (needs >= {2 * self.AVG_POOL - 1} frames)")
         return self.n_tokens_pos(n_pos)
 
+    # ---- media facts (what vlm.mtmd asks) ----------------------------------------------------------------
+    @property
+    def window_frames(self) -> int:
+        """Mel frames per audio window: 30 s (3000), fewer when the position table is shorter (tiny encoders)."""
+        return min(CHUNK_FRAMES, int(self.max_frames))
+
+    def n_windows(self, n_samples: int, *, mode: str) -> int:
+        """Windows a clip of n_samples (16 kHz) is cut into (30 s windows as HF / llama.cpp count them)."""
+        wf = self.window_frames
+        if wf >= CHUNK_FRAMES:
+            return n_audio_chunks(n_samples, mode)
+        return -(-int(n_samples) // (wf * HOP_LENGTH))
+
+    def audio_layout(self, n_samples: int, *, mode: str, name: str) -> list:
+        """Strings and pieces (one per window) of one clip in the prompt."""
+        n_win = self.n_windows(n_samples, mode=mode)
+        if n_win < 1:
+            raise MediaError(f"{name}: audio of {n_samples} samples gives no complete window")
+        n = self.n_tokens(self.window_frames)
+        return self.wrap([MediaPiece(n, n, part=i) for i in range(n_win)])
+
+    def mel_windows(self, pcm, *, mode: str) -> list[torch.Tensor]:
+        """Log-mel input of each window of one clip (mono float32 PCM at 16 kHz)."""
+        wf = self.window_frames
+        if wf >= CHUNK_FRAMES:
+            return list(log_mel_spectrogram(pcm, self.n_mels, mode=mode).unbind(0))
+        # short position table (tiny test encoders): windows of wf frames, each its own log-mel
+        step = wf * HOP_LENGTH
+        return [log_mel_spectrogram(pcm[i:i + step], self.n_mels, mode=mode)[0, :, :wf]
+                for i in range(0, len(pcm), step)]
+
+    def preprocess_params(self, mode: str) -> tuple:
+        """Everything the encoder input depends on (part of the embedding-cache key)."""
+        return ("audio", mode, self.window_frames)
+
     def check_compatible(self, n_embd_text: int, text_name: str = "the text model") -> None:
         """Raise MmprojMismatchError unless the audio embeddings are as wide as the text model's embeddings."""
         if int(n_embd_text) != self.n_embd_out:
@@ -226,7 +263,7 @@ class AudioEncoder:
                      path: str = "<weights>") -> "AudioEncoder":
         """Build from float tensors under GGUF names (e.g. vlm.convert.ctranslate2): norm vectors become fp32,
         everything else `dtype`, all on `device` (the same placement as GGUF loading)."""
-        device = torch.device(device) if device is not None else _default_device()
+        device = torch.device(device) if device is not None else default_device()
         dtype = dtype or (torch.float32 if device.type == "cpu" else torch.bfloat16)
         placed = {}
         for n, t in weights.items():

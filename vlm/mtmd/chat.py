@@ -11,23 +11,24 @@ prompt without markers gets one marker per bitmap at its start (llama.cpp's mtmd
 messages: a content part ``{"type": "image", "image": path | bytes | array | Bitmap}`` (``"path"``/``"url"`` for
 local paths are accepted too), ``{"type": "audio", "audio": ...}`` or ``{"type": "video", "video": frames | directory |
 animated GIF, "fps": 2[, "sample_fps", "min_pixels", "max_pixels"]}`` (Qwen2-VL / 2.5-VL, keys as in Qwen's own
-message format; vlm.mtmd_video) becomes the marker in the rendered template,
+message format; vlm.mtmd.video) becomes the marker in the rendered template,
 and the parts of a message are joined into one string, so templates written for string content render them;
 images / audio given as arguments follow the media of the messages.
 
-Prefix reuse: the rows a sequence holds (token ids and media ids) are remembered, so a next turn re-evaluates only
-what changed; encoders are skipped for media in the embedding cache. Any error leaves the KV cache and the session
-as they were before the call.
+Prefix reuse: the KV cache records what each row holds (token ids and media row keys), so a next turn re-evaluates
+only what changed; encoders are skipped for media in the embedding cache. Any error leaves the sequence as it was
+before the call.
 """
 from __future__ import annotations
 
 import time
 from typing import Sequence
 
-import torch
-
+from vlm.errors import MediaError
 from vlm.kv_cache import ContextFullError
-from vlm.mtmd import Bitmap, Checkpoint, Chunk, MediaError, context
+from vlm.mtmd.chunks import Chunk
+from vlm.mtmd.context import context
+from vlm.mtmd.media import Bitmap
 
 _MEDIA_TYPES = {"image": "image", "image_url": "image", "input_image": "image", "audio": "audio",
                 "input_audio": "audio", "video": "video", "input_video": "video"}
@@ -107,29 +108,17 @@ def build_chunks(model, prompt, images: Sequence = (), audio: Sequence = (), *, 
         tok = model.tokenizer
         if tok.add_bos and tok.bos_id is not None and not (chunks and chunks[0].type == "text"
                                                            and chunks[0].tokens[0] == tok.bos_id):
-            ctx._add_special(chunks)             # BOS only when the template did not write it (as encode_chat)
+            ctx.add_special(chunks)             # BOS only when the template did not write it (as encode_chat)
         return chunks
     raise TypeError("with images / audio / videos, prompt must be a string or a list of chat messages, got "
                     f"{type(prompt).__name__}")
 
 
-def _fingerprint(model, seq: int) -> torch.Tensor | None:
-    n = model.kv.seq_len(seq)
-    return model.kv.k[0][seq, n - 1].clone() if n else None
-
-
-def _reusable(model, ctx, seq: int, chunks: list[Chunk]) -> tuple[int, int]:
+def _reusable(ctx, seq: int, chunks: list[Chunk]) -> tuple[int, int]:
     """(chunks fully reused, extra tokens reused of the next text chunk), keeping >= 1 row to evaluate."""
-    sess = ctx.sessions.get(seq)
-    kv = model.kv
-    if sess is None or model._cached.get(seq) is not None or kv.seq_len(seq) != len(sess[0]):
-        return 0, 0
-    fp = _fingerprint(model, seq)
-    if (fp is None) != (sess[1] is None) or (fp is not None and not torch.equal(fp, sess[1])):
-        return 0, 0
-    keys, row = sess[0], 0
+    keys, row = ctx.model.kv.keys(seq), 0
     for i, c in enumerate(chunks):
-        ck = c.row_keys()
+        ck = ctx.row_keys(c)
         last = i == len(chunks) - 1
         if not last and keys[row:row + len(ck)] == ck:
             row += len(ck)
@@ -138,7 +127,7 @@ def _reusable(model, ctx, seq: int, chunks: list[Chunk]) -> tuple[int, int]:
             return i, 0
         lim = min(len(ck) - (1 if last else 0), len(keys) - row)
         j = 0
-        while j < lim and keys[row + j] == ck[j]:
+        while j < lim and keys[row + j] is not None and keys[row + j] == ck[j]:
             j += 1
         return i, j
     return len(chunks), 0
@@ -158,13 +147,13 @@ def generate(model, prompt, *, images: Sequence = (), audio: Sequence = (), max_
                                f"n_ctx={kv.n_ctx}: use fewer or smaller media, or load with a larger n_ctx")
     t0 = time.perf_counter()
     embs = ctx.embed_bitmaps([c.bitmap for c in chunks if c.type != "text"])  # decode/encode errors: nothing touched
-    n_full, n_tok = _reusable(model, ctx, seq_id, chunks)
+    n_full, n_tok = _reusable(ctx, seq_id, chunks)
     reuse = sum(c.n_tokens for c in chunks[:n_full]) + n_tok
     todo = list(chunks[n_full:])
     if n_tok:
         c = todo[0]
-        todo[0] = Chunk("text", c.n_tokens - n_tok, c.n_pos - n_tok, tokens=c.tokens[n_tok:])
-    ckpt = Checkpoint(model, ctx, seq_id, reuse)
+        todo[0] = Chunk.of_tokens(c.tokens[n_tok:])
+    ckpt = kv.checkpoint(seq_id, reuse)
     try:
         if reuse:
             kv.truncate(seq_id, reuse)
@@ -172,13 +161,11 @@ def generate(model, prompt, *, images: Sequence = (), audio: Sequence = (), max_
             kv.clear(seq_id)
         ctx.eval_chunks(todo, seq_id=seq_id, embeddings=embs)
     except BaseException:
-        ckpt.restore()
+        kv.rollback(ckpt)
         raise
     logits = ctx.last_logits
     t_prefill = time.perf_counter() - t0          # media encoding + prompt evaluation: part of the time to first token
-    prompt_keys = [k for c in chunks for k in c.row_keys()]
     history = [t for c in chunks if c.type == "text" for t in c.tokens]
-    n_prompt_rows = kv.seq_len(seq_id)
 
     def run():
         it = model._generate_text(history, max_tokens, params, stops, seq_id, prefilled_logits=logits)
@@ -190,8 +177,6 @@ def generate(model, prompt, *, images: Sequence = (), audio: Sequence = (), max_
             res.stats.n_prompt = sum(c.n_tokens for c in todo)
             res.stats.n_prompt_total = need
             res.stats.t_prompt += t_prefill
-            kept = kv.seq_len(seq_id) - n_prompt_rows
-            ctx.sessions[seq_id] = (prompt_keys + res.tokens[:kept], _fingerprint(model, seq_id))
 
     it = run()
     return it if stream else "".join(it)
