@@ -1,4 +1,4 @@
-"""Convert a Hugging Face checkpoint folder (safetensors) to GGUF (llama, qwen2, qwen2vl, gemma3; --mmproj: vision)."""
+"""Convert a Hugging Face checkpoint folder (safetensors) to GGUF (text model, or with --mmproj the projector)."""
 from __future__ import annotations
 
 import argparse
@@ -7,13 +7,12 @@ from pathlib import Path
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from vlm.convert.hf_to_gguf import ARCHS, OUTTYPES
-    from vlm.convert.mmproj import SPECS
-    from vlm.convert.mmproj_qwen import PROJECTORS as QWEN_VL
+    from vlm.convert.hf_to_gguf import OUTTYPES
+    from vlm.convert.registry import MMPROJ, TEXT
 
     p.description = ("Convert a Hugging Face checkpoint folder to a GGUF file that llama.cpp and vlm load. "
-                     f"Architectures: {', '.join(ARCHS)}. With --mmproj, write the vision tower + projector "
-                     f"instead (llama.cpp's mmproj file) for: {', '.join(list(SPECS) + list(QWEN_VL))}.")
+                     f"Architectures: {', '.join(TEXT)}. With --mmproj, write the vision / audio tower + projector "
+                     f"instead (llama.cpp's mmproj file) for: {', '.join(MMPROJ)}.")
     p.add_argument("hf_dir", type=Path, help="folder with config.json, *.safetensors and tokenizer files")
     p.add_argument("-o", "--outfile", type=Path, default=None,
                    help="output .gguf path (default: HF_DIR/<name>-<outtype>.gguf, mmproj-<name>-<outtype>.gguf)")

@@ -1,6 +1,7 @@
 """Hugging Face audio-LLM checkpoint -> audio mmproj GGUF (Whisper encoder ``a.*`` + projector ``mm.a.*``), as
 llama.cpp's converter writes it (conversion/ ``WhisperEncoderModel`` / ``UltravoxWhisperEncoderModel`` on
-``MmprojModel``). Reached through ``convert_mmproj`` (CLI: ``vlm convert HF_DIR --mmproj``).
+``MmprojModel``): classes Qwen2AudioMmproj / UltravoxMmproj, reached through ``convert_mmproj`` (CLI: ``vlm convert
+HF_DIR --mmproj``).
 
 ==================================  ===================  =====================================================
 HF class (config.json)              clip.projector_type  encoder config / projector
@@ -39,22 +40,16 @@ from __future__ import annotations
 
 import math
 import re
-from pathlib import Path
 
-import gguf
 import torch
 from gguf import GGMLQuantizationType as GGMLType
 from gguf import LlamaFileType
 from gguf import MODEL_TENSOR as MT
 from gguf import TENSOR_NAMES
 
-from .hf_to_gguf import ConvertError, _Source, add_tensor_table, write_planned
-from .mmproj import _FTYPE_QTYPE, _Planned, open_checkpoint
+from vlm.convert.common import (ConvertError, MmprojConverter, SafetensorsSource, TensorPlan, check_needed,
+                                matrix_type, shapes)
 
-AUDIO_SPECS: dict[str, str] = {
-    "Qwen2AudioForConditionalGeneration": "qwen2a",
-    "UltravoxModel": "ultravox",
-}
 # transformers config-class defaults for keys a saved (diff-only) config may omit
 _QWEN2A_DEFAULTS = dict(d_model=1280, encoder_layers=32, encoder_attention_heads=20, encoder_ffn_dim=5120,
                         num_mel_bins=128, max_source_positions=1500, activation_function="gelu")
@@ -84,14 +79,6 @@ _TOWER_RULES: list[tuple[re.Pattern, MT | None]] = [(re.compile(p), t) for p, t 
     (r"layers\.(\d+)\.fc2\.(weight|bias)$", MT.A_ENC_FFN_DOWN),
     (r"layer_norm\.(weight|bias)$", MT.A_POST_NORM),
 ]]
-_PROJ_RULES: dict[str, dict[str, str]] = {
-    "qwen2a": {"linear.weight": _t(MT.A_MMPROJ_FC) + ".weight", "linear.bias": _t(MT.A_MMPROJ_FC) + ".bias"},
-    "ultravox": {"linear_1.weight": _t(MT.A_MMPROJ, 1) + ".weight", "linear_1.bias": _t(MT.A_MMPROJ, 1) + ".bias",
-                 "linear_2.weight": _t(MT.A_MMPROJ, 2) + ".weight", "linear_2.bias": _t(MT.A_MMPROJ, 2) + ".bias",
-                 "ln_pre.weight": _t(MT.A_MM_NORM_PRE) + ".weight", "ln_mid.weight": _t(MT.A_MM_NORM_MID) + ".weight"},
-}
-
-
 def whisper_tensor_name(rest: str) -> str | None:
     """GGUF name of a Whisper-encoder tensor given its name relative to the encoder (``conv1.weight``,
     ``layers.0.fc1.bias``, ...); None if it is not one. Shared with vlm.convert.ctranslate2 and the tests."""
@@ -119,16 +106,113 @@ def _choose_type(name: str, shape: tuple[int, ...], ftype: LlamaFileType) -> GGM
         return GGMLType.F32
     if name.startswith("a.conv1d."):
         return GGMLType.F32 if ftype == LlamaFileType.ALL_F32 else GGMLType.F16   # see module docstring
-    qt = _FTYPE_QTYPE[ftype]
-    if qt == GGMLType.Q8_0 and shape[-1] % gguf.GGML_QUANT_SIZES[GGMLType.Q8_0][0]:
-        return GGMLType.F16
-    return qt
+    return matrix_type(ftype, shape)
 
 
-def _audio_config(cfg: dict, projector: str, hf_dir: Path) -> dict:
-    if projector == "ultravox":
+class WhisperAudioMmproj(MmprojConverter):
+    """Whisper encoder (``audio_tower.*`` -> ``a.*``) + a projector (``multi_modal_projector.*`` -> ``mm.a.*``,
+    ``PROJ_RULES``). Subclasses give the encoder config, the projector rules and their own keys."""
+
+    PROJ_RULES: dict[str, str] = {}
+    OUT_TENSOR = ""           # projector output: its rows are the text model's n_embd
+
+    def __init__(self, hf_dir, cfg, ftype):
+        super().__init__(hf_dir, cfg, ftype)
+        aud = self.aud = self.audio_config()
+        if str(aud.get("activation_function", "gelu")) != "gelu":
+            raise ConvertError(f"audio encoder activation {aud['activation_function']!r} is not supported (gelu "
+                               f"only)")
+        if aud.get("scale_embedding"):
+            raise ConvertError("audio_config.scale_embedding = true is not supported (llama.cpp's graph does not "
+                               "scale)")
+        self.n_layer, self.d_model = int(aud["encoder_layers"]), int(aud["d_model"])
+
+    def audio_config(self) -> dict:
+        raise NotImplementedError
+
+    def missing_positions(self) -> TensorPlan | None:
+        """A position table to write when the checkpoint has none (None: it is required)."""
+        return None
+
+    def plan(self) -> list[TensorPlan]:
+        src = SafetensorsSource(self.hf_dir)
+        plan, unmapped = [], []
+        for hf_name in src.names():
+            if (m := _TOWER_PREFIX.search(hf_name)) is not None:
+                new = whisper_tensor_name(hf_name[m.end():])
+            elif (m := _PROJ_PREFIX.search(hf_name)) is not None:
+                new = self.PROJ_RULES.get(hf_name[m.end():])
+            else:
+                continue                # language model / lm_head: the text converter's part
+            if new is None:
+                unmapped.append(hf_name)
+                continue
+            shape = tuple(src.shape(hf_name))
+            if new.startswith("a.conv1d.") and new.endswith(".bias"):
+                shape = shape + (1,)    # [C] -> [C, 1]
+
+            def load(hf_name=hf_name, shape=shape):
+                return src.get(hf_name).to(torch.float32).reshape(shape)
+
+            plan.append((new, shape, _choose_type(new, shape, self.ftype), load))
+        if unmapped:
+            raise ConvertError(f"cannot map audio tensors to GGUF names: {unmapped[:8]}")
+        if _POS not in shapes(plan) and (pos := self.missing_positions()) is not None:
+            plan.append(pos)
+        needed = ["a.conv1d.1.weight", "a.conv1d.2.weight", _POS] + [
+            f"a.blk.{il}.{t}.weight" for il in range(self.n_layer)
+            for t in ("attn_q", "attn_k", "attn_v", "attn_out", "ln1", "ln2", "ffn_up", "ffn_down")]
+        check_needed(self.hf_dir, shapes(plan), needed + [v for v in self.PROJ_RULES.values() if v.endswith(".weight")])
+        if shapes(plan)[_POS][1] != self.d_model:
+            raise ConvertError(f"embed_positions has shape {shapes(plan)[_POS]}, expected [n_pos, {self.d_model}]")
+        return plan
+
+    def write_keys(self, w, tensors) -> None:
+        aud, cfg = self.aud, self.cfg
+        text = {**cfg, **cfg.get("text_config", {})}
+        n_embd_text = text.get("hidden_size")
+        out_rows = shapes(tensors)[self.OUT_TENSOR][0]
+        if n_embd_text is None or int(n_embd_text) != out_rows:
+            n_embd_text = out_rows    # the projector decides (text_config may hold class defaults only)
+        w.add_clip_has_audio_encoder(True)
+        w.add_audio_projection_dim(int(n_embd_text))
+        w.add_audio_embedding_length(self.d_model)
+        w.add_audio_feed_forward_length(int(aud["encoder_ffn_dim"]))
+        w.add_audio_block_count(self.n_layer)
+        w.add_audio_head_count(int(aud["encoder_attention_heads"]))
+        w.add_clip_projector_type(self.PROJECTOR)
+        w.add_audio_num_mel_bins(int(aud["num_mel_bins"]))
+        w.add_audio_attention_layernorm_eps(float(aud.get("layer_norm_eps", 1e-5)))
+        self.projector_keys(w)
+
+    def projector_keys(self, w) -> None:
+        pass
+
+
+class Qwen2AudioMmproj(WhisperAudioMmproj):
+    PROJECTOR = "qwen2a"
+    PROJ_RULES = {"linear.weight": _t(MT.A_MMPROJ_FC) + ".weight", "linear.bias": _t(MT.A_MMPROJ_FC) + ".bias"}
+    OUT_TENSOR = _t(MT.A_MMPROJ_FC) + ".weight"
+
+    def audio_config(self) -> dict:
+        return {**_QWEN2A_DEFAULTS, **self.cfg.get("audio_config", {})}
+
+    def missing_positions(self) -> TensorPlan:
+        n_pos, d = int(self.aud["max_source_positions"]), self.d_model
+        return (_POS, (n_pos, d), _choose_type(_POS, (n_pos, d), self.ftype), lambda: whisper_sinusoids(n_pos, d))
+
+
+class UltravoxMmproj(WhisperAudioMmproj):
+    PROJECTOR = "ultravox"
+    PROJ_RULES = {"linear_1.weight": _t(MT.A_MMPROJ, 1) + ".weight", "linear_1.bias": _t(MT.A_MMPROJ, 1) + ".bias",
+                  "linear_2.weight": _t(MT.A_MMPROJ, 2) + ".weight", "linear_2.bias": _t(MT.A_MMPROJ, 2) + ".bias",
+                  "ln_pre.weight": _t(MT.A_MM_NORM_PRE) + ".weight", "ln_mid.weight": _t(MT.A_MM_NORM_MID) + ".weight"}
+    OUT_TENSOR = _t(MT.A_MMPROJ, 2) + ".weight"
+
+    def audio_config(self) -> dict:
+        cfg = self.cfg
         if "audio_config" not in cfg:
-            raise ConvertError(f"{hf_dir}/config.json has no audio_config (audio_model_id = "
+            raise ConvertError(f"{self.hf_dir}/config.json has no audio_config (audio_model_id = "
                                f"{cfg.get('audio_model_id')!r}); add the Whisper encoder's config as audio_config "
                                f"(nothing is downloaded)")
         if str(cfg.get("projector_act", "swiglu")).lower() != "swiglu":
@@ -138,91 +222,9 @@ def _audio_config(cfg: dict, projector: str, hf_dir: Path) -> dict:
             raise ConvertError("Ultravox v0.4 layout (projector_ln_mid = false: RMSNorm after linear_2) is not "
                                "supported: llama.cpp's ultravox graph normalises between the two linears (v0.5)")
         if cfg.get("audio_latency_block_size"):
-            raise ConvertError(f"Ultravox audio_latency_block_size = {cfg['audio_latency_block_size']} (block-causal "
-                               f"encoder attention) is not supported")
-        aud = {**_WHISPER_DEFAULTS, **cfg["audio_config"]}
-    else:
-        aud = {**_QWEN2A_DEFAULTS, **cfg.get("audio_config", {})}
-    if str(aud.get("activation_function", "gelu")) != "gelu":
-        raise ConvertError(f"audio encoder activation {aud['activation_function']!r} is not supported (gelu only)")
-    if aud.get("scale_embedding"):
-        raise ConvertError("audio_config.scale_embedding = true is not supported (llama.cpp's graph does not scale)")
-    return aud
+            raise ConvertError(f"Ultravox audio_latency_block_size = {cfg['audio_latency_block_size']} "
+                               f"(block-causal encoder attention) is not supported")
+        return {**_WHISPER_DEFAULTS, **cfg["audio_config"]}
 
-
-def convert_audio_mmproj(hf_dir, out_path, outtype: str = "f32", *, progress: bool = False) -> Path:
-    """Write the audio mmproj GGUF (Whisper encoder + projector) of a Qwen2-Audio or Ultravox checkpoint."""
-    hf_dir, out_path, key, ftype, cfg, arch = open_checkpoint(hf_dir, out_path, outtype)
-    if arch not in AUDIO_SPECS:
-        raise ConvertError(f"--mmproj: {arch!r} is not an audio architecture; supported: {', '.join(AUDIO_SPECS)}")
-    projector = AUDIO_SPECS[arch]
-    aud = _audio_config(cfg, projector, hf_dir)
-    n_layer, d_model = int(aud["encoder_layers"]), int(aud["d_model"])
-
-    # ---- tensors ------------------------------------------------------------------------------------------
-    src = _Source(hf_dir)
-    proj_map = _PROJ_RULES[projector]
-    plan: list[_Planned] = []
-    unmapped = []
-    for hf_name in src.names():
-        if (m := _TOWER_PREFIX.search(hf_name)) is not None:
-            new = whisper_tensor_name(hf_name[m.end():])
-        elif (m := _PROJ_PREFIX.search(hf_name)) is not None:
-            new = proj_map.get(hf_name[m.end():])
-        else:
-            continue                # language model / lm_head: the text converter's part
-        if new is None:
-            unmapped.append(hf_name)
-            continue
-        shape = tuple(src.shape(hf_name))
-        if new.startswith("a.conv1d.") and new.endswith(".bias"):
-            shape = shape + (1,)    # [C] -> [C, 1]
-
-        def load(hf_name=hf_name, shape=shape):
-            return src.get(hf_name).to(torch.float32).reshape(shape)
-
-        plan.append(_Planned(new, shape, _choose_type(new, shape, ftype), load))
-    if unmapped:
-        raise ConvertError(f"cannot map audio tensors to GGUF names: {unmapped[:8]}")
-    names = {p.name: p for p in plan}
-    if _POS not in names and projector == "qwen2a":
-        n_pos = int(aud["max_source_positions"])
-        plan.append(_Planned(_POS, (n_pos, d_model), _choose_type(_POS, (n_pos, d_model), ftype),
-                             lambda: whisper_sinusoids(n_pos, d_model)))
-        names[_POS] = plan[-1]
-    needed = ["a.conv1d.1.weight", "a.conv1d.2.weight", _POS] + [
-        f"a.blk.{il}.{t}.weight" for il in range(n_layer) for t in ("attn_q", "attn_k", "attn_v", "attn_out",
-                                                                   "ln1", "ln2", "ffn_up", "ffn_down")]
-    needed += [v for v in proj_map.values() if v.endswith(".weight")]
-    if missing := [n for n in needed if n not in names]:
-        shown = ", ".join(missing[:8]) + (f", ... ({len(missing)} in all)" if len(missing) > 8 else "")
-        raise ConvertError(f"{hf_dir}: checkpoint lacks the tensors for {shown}")
-    if names[_POS].shape[1] != d_model:
-        raise ConvertError(f"embed_positions has shape {names[_POS].shape}, expected [n_pos, {d_model}]")
-
-    text = {**cfg, **cfg.get("text_config", {})}
-    n_embd_text = text.get("hidden_size")
-    out_w = names[proj_map["linear.weight" if projector == "qwen2a" else "linear_2.weight"]]
-    if n_embd_text is None or int(n_embd_text) != out_w.shape[0]:
-        n_embd_text = out_w.shape[0]    # the projector decides (text_config may hold class defaults only)
-
-    # ---- metadata (llama.cpp order: type, model card, MmprojModel.set_gguf_parameters, subclass) ----------
-    w = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.MMPROJ])
-    tensors = [(p.name, p.shape, p.qtype, p.load) for p in plan]
-    add_tensor_table(w, hf_dir, tensors, gguf.GGUFType.MMPROJ)
-
-    w.add_file_type(ftype)
-    w.add_clip_has_audio_encoder(True)
-    w.add_audio_projection_dim(int(n_embd_text))
-    w.add_audio_embedding_length(d_model)
-    w.add_audio_feed_forward_length(int(aud["encoder_ffn_dim"]))
-    w.add_audio_block_count(n_layer)
-    w.add_audio_head_count(int(aud["encoder_attention_heads"]))
-    w.add_clip_projector_type(projector)
-    w.add_audio_num_mel_bins(int(aud["num_mel_bins"]))
-    w.add_audio_attention_layernorm_eps(float(aud.get("layer_norm_eps", 1e-5)))
-    if projector == "ultravox":
-        w.add_audio_stack_factor(int(cfg.get("stack_factor", 8)))
-    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-
-    return write_planned(w, out_path, tensors, desc=f"mmproj {projector} -> {key}", progress=progress)
+    def projector_keys(self, w) -> None:
+        w.add_audio_stack_factor(int(self.cfg.get("stack_factor", 8)))

@@ -1,5 +1,5 @@
 """Qwen2-VL / Qwen2.5-VL checkpoint -> mmproj GGUF, as llama.cpp's Qwen2VLVisionModel (convert_hf_to_gguf.py)
-writes it. Called from vlm.convert.mmproj.convert_mmproj for these architectures.
+writes it (classes Qwen2VLMmproj / Qwen25VLMmproj, registered in vlm.convert.registry).
 
 Tensors (HF `visual.*`, transformers 5 saves them as `model.visual.*`):
   patch_embed.proj.weight [D, 3, 2, P, P]  -> v.patch_embd.weight = [:, :, 0], v.patch_embd.weight.1 = [:, :, 1]
@@ -21,18 +21,13 @@ patch embedding F16 in f16 files else F32, 1-D tensors F32.
 from __future__ import annotations
 
 import re
-from pathlib import Path
-from typing import Callable
 
 import gguf
 from gguf import GGMLQuantizationType as GGMLType
 
-from .hf_to_gguf import ConvertError, _Source, add_tensor_table, write_planned
-
-PROJECTORS = {"Qwen2VLForConditionalGeneration": "qwen2vl_merger",
-              "Qwen2_5_VLForConditionalGeneration": "qwen2.5vl_merger"}
-_QWEN_MEAN = [0.48145466, 0.4578275, 0.40821073]      # Qwen2VLImageProcessor defaults (OpenAI CLIP)
-_QWEN_STD = [0.26862954, 0.26130258, 0.27577711]
+from vlm.convert.common import (ConvertError, MmprojConverter, SafetensorsSource, TensorPlan, check_needed,
+                                matrix_type, shapes)
+from vlm.convert.mmproj import CLIP_MEAN, CLIP_STD, mean_std     # Qwen2VLImageProcessor defaults (OpenAI CLIP)
 
 _RULES = [(re.compile(p), n) for p, n in [
     (r"blocks\.(\d+)\.attn\.proj\.(weight|bias)$", "v.blk.{}.attn_out.{}"),
@@ -51,17 +46,13 @@ _VISUAL = re.compile(r"(?:^|\.)visual\.")
 
 
 def _type(name: str, shape: tuple[int, ...], ftype) -> GGMLType:
-    from .mmproj import _FTYPE_QTYPE
     if len(shape) <= 1:
         return GGMLType.F32
     if name.startswith("v.patch_embd.weight"):      # .weight and .weight.1
         return GGMLType.F16 if ftype == gguf.LlamaFileType.MOSTLY_F16 else GGMLType.F32
     if not name.endswith(".weight"):
         return GGMLType.F32
-    qt = _FTYPE_QTYPE[ftype]
-    if qt == GGMLType.Q8_0 and shape[-1] % gguf.GGML_QUANT_SIZES[GGMLType.Q8_0][0]:
-        return GGMLType.F16
-    return qt
+    return matrix_type(ftype, shape)
 
 
 def n_wa_pattern(fullatt: list[int]) -> int:
@@ -76,83 +67,91 @@ def n_wa_pattern(fullatt: list[int]) -> int:
     return n
 
 
-def convert_qwen_mmproj(hf_dir: Path, out_path: Path, cfg: dict, ftype, mean, std, *, progress=False) -> Path:
-    arch = cfg["architectures"][0]
-    projector = PROJECTORS[arch]
-    v25 = projector == "qwen2.5vl_merger"
-    vis = dict(cfg.get("vision_config") or {})
-    text = {**cfg, **(cfg.get("text_config") or {})}
-    if int(vis.get("temporal_patch_size", 2)) != 2:
-        raise ConvertError(f"temporal_patch_size {vis.get('temporal_patch_size')} != 2 is not supported "
-                           f"(llama.cpp splits the Conv3d into 2 slices)")
-    if int(vis.get("spatial_merge_size", 2)) != 2:
-        raise ConvertError(f"spatial_merge_size {vis.get('spatial_merge_size')} != 2 is not supported")
-    if v25:
-        n_embd, n_ff = int(vis.get("hidden_size", 1280)), int(vis.get("intermediate_size", 3420))
-    else:   # Qwen2-VL: embed_dim is the ViT width, hidden_size the merger output; llama.cpp writes ffn = hidden_size
-        n_embd, n_ff = int(vis.get("embed_dim", 1280)), int(vis.get("hidden_size", 3584))
-    n_layer = int(vis.get("depth", 32))
-    n_head = int(vis.get("num_heads", 16))
+class Qwen2VLMmproj(MmprojConverter):
+    PROJECTOR = "qwen2vl_merger"
+    V25 = False
 
-    src = _Source(hf_dir)
-    plan: list[tuple[str, tuple[int, ...], Callable]] = []
-    for hf_name in src.names():
-        m = _VISUAL.search(hf_name)
-        if m is None:
-            continue
-        rest = hf_name[m.end():]
-        shape = src.shape(hf_name)
-        if rest == "patch_embed.proj.weight":
-            if len(shape) != 5 or shape[2] != 2:
-                raise ConvertError(f"{hf_name}: expected a Conv3d weight [D, 3, 2, P, P], got {list(shape)}")
-            for i, nm in enumerate(("v.patch_embd.weight", "v.patch_embd.weight.1")):
-                plan.append((nm, (shape[0], shape[1], shape[3], shape[4]),
-                             lambda h=hf_name, i=i: src.get(h).float()[:, :, i].contiguous()))
-            continue
-        mq = re.match(r"blocks\.(\d+)\.attn\.qkv\.(weight|bias)$", rest)
-        if mq:
-            c = shape[0] // 3
-            for i, part in enumerate(("attn_q", "attn_k", "attn_v")):
-                plan.append((f"v.blk.{mq.group(1)}.{part}.{mq.group(2)}", (c, *shape[1:]),
-                             lambda h=hf_name, i=i, c=c: src.get(h).float()[i * c:(i + 1) * c].contiguous()))
-            continue
-        for pat, fmt in _RULES:
-            mm = pat.match(rest)
-            if mm:
-                plan.append((fmt.format(*mm.groups()), tuple(shape), lambda h=hf_name: src.get(h).float()))
-                break
-        else:
-            raise ConvertError(f"cannot map vision tensor {hf_name!r} to a GGUF name")
-    names = {p[0] for p in plan}
-    needed = ["v.patch_embd.weight", "v.patch_embd.weight.1", "v.post_ln.weight", "mm.0.weight", "mm.2.weight"]
-    if missing := [n for n in needed if n not in names]:
-        raise ConvertError(f"{hf_dir}: checkpoint lacks the vision tensors for {', '.join(missing)}")
-    n_embd_text = int(text.get("hidden_size") or dict((p[0], p[1]) for p in plan)["mm.2.weight"][0])
+    def __init__(self, hf_dir, cfg, ftype):
+        super().__init__(hf_dir, cfg, ftype)
+        vis = self.vis = dict(cfg.get("vision_config") or {})
+        if int(vis.get("temporal_patch_size", 2)) != 2:
+            raise ConvertError(f"temporal_patch_size {vis.get('temporal_patch_size')} != 2 is not supported "
+                               f"(llama.cpp splits the Conv3d into 2 slices)")
+        if int(vis.get("spatial_merge_size", 2)) != 2:
+            raise ConvertError(f"spatial_merge_size {vis.get('spatial_merge_size')} != 2 is not supported")
+        if self.V25:
+            self.n_embd, self.n_ff = int(vis.get("hidden_size", 1280)), int(vis.get("intermediate_size", 3420))
+        else:   # Qwen2-VL: embed_dim is the ViT width, hidden_size the merger output; llama.cpp writes ffn = hidden
+            self.n_embd, self.n_ff = int(vis.get("embed_dim", 1280)), int(vis.get("hidden_size", 3584))
 
-    w = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.MMPROJ])
-    typed = [(n, s, _type(n, s, ftype), ld) for n, s, ld in plan]
-    add_tensor_table(w, hf_dir, typed, gguf.GGUFType.MMPROJ)
-    w.add_file_type(ftype)
-    w.add_clip_has_vision_encoder(True)
-    w.add_vision_projection_dim(n_embd_text)
-    w.add_vision_image_size(int(vis.get("image_size", 560)))
-    w.add_vision_patch_size(int(vis.get("patch_size", 14)))
-    w.add_vision_embedding_length(n_embd)
-    w.add_vision_feed_forward_length(n_ff)
-    w.add_vision_block_count(n_layer)
-    w.add_vision_head_count(n_head)
-    w.add_vision_image_mean(mean)
-    w.add_vision_image_std(std)
-    w.add_clip_projector_type(projector)
-    if v25:
+    def plan(self) -> list[TensorPlan]:
+        src = SafetensorsSource(self.hf_dir)
+        plan: list = []
+        for hf_name in src.names():
+            m = _VISUAL.search(hf_name)
+            if m is None:
+                continue
+            rest = hf_name[m.end():]
+            shape = src.shape(hf_name)
+            if rest == "patch_embed.proj.weight":
+                if len(shape) != 5 or shape[2] != 2:
+                    raise ConvertError(f"{hf_name}: expected a Conv3d weight [D, 3, 2, P, P], got {list(shape)}")
+                for i, nm in enumerate(("v.patch_embd.weight", "v.patch_embd.weight.1")):
+                    plan.append((nm, (shape[0], shape[1], shape[3], shape[4]),
+                                 lambda h=hf_name, i=i: src.get(h).float()[:, :, i].contiguous()))
+                continue
+            mq = re.match(r"blocks\.(\d+)\.attn\.qkv\.(weight|bias)$", rest)
+            if mq:
+                c = shape[0] // 3
+                for i, part in enumerate(("attn_q", "attn_k", "attn_v")):
+                    plan.append((f"v.blk.{mq.group(1)}.{part}.{mq.group(2)}", (c, *shape[1:]),
+                                 lambda h=hf_name, i=i, c=c: src.get(h).float()[i * c:(i + 1) * c].contiguous()))
+                continue
+            for pat, fmt in _RULES:
+                mm = pat.match(rest)
+                if mm:
+                    plan.append((fmt.format(*mm.groups()), tuple(shape), lambda h=hf_name: src.get(h).float()))
+                    break
+            else:
+                raise ConvertError(f"cannot map vision tensor {hf_name!r} to a GGUF name")
+        check_needed(self.hf_dir, {p[0] for p in plan}, ["v.patch_embd.weight", "v.patch_embd.weight.1",
+                                                         "v.post_ln.weight", "mm.0.weight", "mm.2.weight"],
+                     "vision tensors")
+        return [(n, s, _type(n, s, self.ftype), ld) for n, s, ld in plan]
+
+    def write_keys(self, w, tensors) -> None:
+        vis = self.vis
+        text = {**self.cfg, **(self.cfg.get("text_config") or {})}
+        mean, std = mean_std(self.hf_dir, (CLIP_MEAN, CLIP_STD), warn=False)
+        w.add_clip_has_vision_encoder(True)
+        w.add_vision_projection_dim(int(text.get("hidden_size") or shapes(tensors)["mm.2.weight"][0]))
+        w.add_vision_image_size(int(vis.get("image_size", 560)))
+        w.add_vision_patch_size(int(vis.get("patch_size", 14)))
+        w.add_vision_embedding_length(self.n_embd)
+        w.add_vision_feed_forward_length(self.n_ff)
+        w.add_vision_block_count(int(vis.get("depth", 32)))
+        w.add_vision_head_count(int(vis.get("num_heads", 16)))
+        w.add_vision_image_mean(mean)
+        w.add_vision_image_std(std)
+        w.add_clip_projector_type(self.PROJECTOR)
+        self.version_keys(w)
+        w.add_vision_attention_layernorm_eps(1e-6)
+
+    def version_keys(self, w) -> None:
+        if str(self.vis.get("hidden_act", "quick_gelu")) != "quick_gelu":
+            raise ConvertError(f"Qwen2-VL vision hidden_act {self.vis.get('hidden_act')!r} is not supported "
+                               f"(quick_gelu)")
+
+
+class Qwen25VLMmproj(Qwen2VLMmproj):
+    """Qwen2.5-VL: SwiGLU FFN (clip.use_silu), window attention (n_wa_pattern, window_size), tokens_per_second."""
+    PROJECTOR = "qwen2.5vl_merger"
+    V25 = True
+
+    def version_keys(self, w) -> None:
+        vis = self.vis
         w.add_vision_use_silu(True)
         w.add_vision_n_wa_pattern(n_wa_pattern(list(vis.get("fullatt_block_indexes") or [])))
         w.add_vision_window_size(int(vis.get("window_size", 112)))
         if vis.get("tokens_per_second") is not None:      # video time scale of the M-RoPE (not in llama.cpp's files)
             w.add_uint32("clip.vision.tokens_per_second", int(vis["tokens_per_second"]))
-    elif str(vis.get("hidden_act", "quick_gelu")) != "quick_gelu":
-        raise ConvertError(f"Qwen2-VL vision hidden_act {vis.get('hidden_act')!r} is not supported (quick_gelu)")
-    w.add_vision_attention_layernorm_eps(1e-6)
-    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-
-    return write_planned(w, out_path, typed, desc=f"mmproj {projector} -> {out_path.name}", progress=progress)
