@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from vlm_kernels.quant import QK_K, _cdiv, _const, _k4_scale_min, _signed_absmax, _to_f16_bytes
+from vlm_kernels._quant_bits import QK_K, _cdiv, _const, _signed_absmax, _to_f16_bytes
 
 GROUP_MAX_EPS = 1e-15
 
