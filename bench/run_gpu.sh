@@ -30,8 +30,8 @@ if [ "$TEST_S" -gt 0 ]; then
         -p no:cacheprovider -rfE --continue-on-collection-errors "${tmo[@]}"
     unset OMP_NUM_THREADS
   else
-    run gpu_tests_qmatmul "$TEST_S" python3 -m pytest -q -m gpu tests/test_qmatmul_gpu.py -p no:cacheprovider -rfE
-    run gpu_tests "$TEST_S" python3 -m pytest -q -m gpu tests --ignore=tests/test_qmatmul_gpu.py -p no:cacheprovider \
+    run gpu_tests_qmatmul "$TEST_S" python3 -m pytest -q -m gpu tests/kernels/test_qmatmul_gpu.py -p no:cacheprovider -rfE
+    run gpu_tests "$TEST_S" python3 -m pytest -q -m gpu tests --ignore=tests/kernels/test_qmatmul_gpu.py -p no:cacheprovider \
         -rfE --continue-on-collection-errors
   fi
 fi

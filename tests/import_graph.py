@@ -1,5 +1,5 @@
 """The import graph of our packages, read from the source with ast (top-level and in-function imports alike):
-what tests/test_layout.py checks for circles. An edge a -> b means module a imports module b (an import of a
+what tests/vlm/test_layout.py checks for circles. An edge a -> b means module a imports module b (an import of a
 name from a package's __init__ goes to the package)."""
 from __future__ import annotations
 

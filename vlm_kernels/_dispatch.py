@@ -12,7 +12,7 @@ interpreter: that is how CI exercises them.
 
 Each op names three functions: ``triton`` (the kernel launcher), ``ref`` (the plain-torch spec the tests compare
 against) and ``torch`` (what runs when Triton is not chosen: a faster torch implementation of the same function,
-held to ``ref`` by tests/test_cpu_fast.py; defaults to ``ref``). "torch" in choose()/explain() means that one.
+held to ``ref`` by tests/kernels/test_cpu_fast.py; defaults to ``ref``). "torch" in choose()/explain() means that one.
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 Each function has the signature, the input checks (same errors) and the semantics of the reference it stands
 for — the `*_ref` functions in vlm_kernels/norm.py, rope.py, attention.py, decode_attention.py stay the spec and
-tests/test_cpu_fast.py holds these to them (fp32: 1e-5 of max |ref|). What makes them faster:
+tests/kernels/test_cpu_fast.py holds these to them (fp32: 1e-5 of max |ref|). What makes them faster:
 
   rms_norm_torch        one fused aten op (`torch.rms_norm`, fp32) instead of pow/mean/add/rsqrt/mul/mul;
                         the offset weight `weight + offset` is cached per weight tensor.

@@ -332,7 +332,7 @@ def qmatmul_torch(x: torch.Tensor, w: QTensor, bias: torch.Tensor | None = None)
     None of the faster lower-byte ones is exact: bf16 cannot hold Q8_0's d·q (fp16 d × int8 q needs up to 18
     significant bits, bf16 has 8), the fast int8 kernel needs bf16 activations, and int8pack's per-channel
     scale cannot express the per-32-block scales. Relative weight error 2^-9 puts logits far outside the 1e-4 parity
-    bound (tests/test_real_gemma.py), and the fastest candidate is < 1.5x the exact path, so fp32 stays.
+    bound (tests/vlm/test_real_gemma.py), and the fastest candidate is < 1.5x the exact path, so fp32 stays.
     """
     N, K = _check(x, w, bias, triton_path=False)
     out_shape = tuple(x.shape[:-1]) + (N,)

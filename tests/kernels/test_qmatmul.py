@@ -9,6 +9,7 @@ import torch
 from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
 
+from _tol import TOL, rel_err
 import vlm_kernels
 from vlm_kernels import qmatmul_configs as qcfg
 from vlm_kernels._qblocks import GEOMETRY, SUPPORTED
@@ -17,7 +18,6 @@ from vlm_kernels.qmatmul import (dequant_cache, dequantize_triton, qmatmul_dp4a_
 from vlm_kernels.quant import GGMLType, QTensor, block_info
 
 # max |y - ref| / max |ref|, per activation dtype (architecture.md tolerance table)
-TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 KQUANT = [GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K]
 # byte offsets of the fp16 scales (d, dmin / m) in each block
@@ -46,10 +46,6 @@ def make_qtensor(qtype, N, K, seed=0, device="cpu", random_bytes=False):
 
 def gguf_dense(w):
     return torch.from_numpy(gguf_dequantize(w.data.cpu().numpy(), w.qtype).reshape(w.shape).copy())
-
-
-def rel_err(y, ref):
-    return ((y.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-30)).item()
 
 
 def assert_close(y, ref, dtype, what=""):

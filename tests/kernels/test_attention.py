@@ -6,18 +6,14 @@ interpreter blocks, head dims that are not powers of two, GQA ratios 1..8, q_len
 import pytest
 import torch
 
+from _tol import TOL, rel_err
 from oracles import need
 import vlm_kernels
 from vlm_kernels.attention import (alignment_hint, attention_ref, attention_triton, masked_attention_fp32,
                                visible_mask)
 
 # Max abs error / max |ref| (architecture.md tolerance table).
-TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
 DTYPES = [torch.float32, torch.float16]
-
-
-def rel_err(out, ref):
-    return ((out.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-30)).item()
 
 
 def make_qkv(n_q, n_k, n_head, n_head_kv, head_dim, dtype, device, seed=0):

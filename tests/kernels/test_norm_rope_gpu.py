@@ -6,19 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from _tol import TOL, rel_err
 from vlm_kernels.norm import layer_norm_triton, rms_norm_ref, rms_norm_triton
 from vlm_kernels.rope import rope_ref, rope_triton
 
 pytestmark = pytest.mark.gpu
 
 # max |err| / max |ref| (docs: /work/shared/design/architecture.md tolerance table)
-TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 DTYPES = [torch.float32, torch.bfloat16]     # fp16 is covered by the interpreter tests; keeps compiles few
-
-
-def rel_err(got, ref):
-    got, ref = got.float(), ref.float()
-    return ((got - ref).abs().max() / ref.abs().max()).item()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

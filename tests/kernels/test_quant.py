@@ -14,17 +14,17 @@ Oracles
   scales). The same harness also matched our output on ~5,000 further random rows per type before the file was
   written. llama.cpp's own builds may contract to FMA on some CPUs; byte equality is with the uncontracted C.
 """
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from gguf import quants as gq
 
+from paths import DATA
 from vlm_kernels.quant import (QUANTIZE_TYPES, SUPPORTED_TYPES, GGMLType, QTensor, block_info, dequantize, quantize,
                            row_bytes)
 
-VECTORS = Path(__file__).parent / "data" / "kquant_vectors.npz"
+VECTORS = DATA / "kquant_vectors.npz"
 K_TYPES = (GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K)
 LEGACY = (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q8_0)
 FLOATS = (GGMLType.F32, GGMLType.F16, GGMLType.BF16)

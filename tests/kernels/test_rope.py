@@ -10,15 +10,10 @@ import importlib
 import pytest
 import torch
 
+from _tol import TOL, rel_err
 from vlm_kernels.rope import rope_ref, rope_triton
 
 # max |err| / max |ref| (docs: /work/shared/design/architecture.md tolerance table)
-TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
-
-
-def rel_err(got, ref):
-    got, ref = got.float(), ref.float()
-    return ((got - ref).abs().max() / ref.abs().max()).item()
 
 
 # ---------------------------------------------------------------------------------------------------- oracles

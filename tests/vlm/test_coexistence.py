@@ -13,12 +13,12 @@ from pathlib import Path
 
 import torch
 
+from paths import ROOT
 from oracles import need
 import hf_tiny
 
 transformers = need("transformers")
 
-ROOT = Path(__file__).resolve().parents[1]
 TOL_LOGITS = 1e-4   # design note: model logits vs HF, fp32, torch path (absolute)
 
 

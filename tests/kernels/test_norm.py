@@ -3,18 +3,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from _tol import TOL, rel_err
 from vlm_kernels.norm import layer_norm_ref, layer_norm_triton, rms_norm_ref, rms_norm_triton
 import vlm_kernels.norm as norm_mod
 
 # max |err| / max |ref| (docs: /work/shared/design/architecture.md tolerance table)
-TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 WIDTHS = [1, 7, 640, 1152, 2304]   # odd / non-power-of-two rows (Gemma 3 270M 640, SigLIP 1152, Gemma 2B 2304)
-
-
-def rel_err(got, ref):
-    got, ref = got.float(), ref.float()
-    return ((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
 
 
 def oracle_rms(x, w, eps, offset=0.0):

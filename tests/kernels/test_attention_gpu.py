@@ -6,19 +6,15 @@ the config sweep covers the padded head dims 64 / 128 / 256 once each.
 import pytest
 import torch
 
+from _tol import TOL, rel_err
 from vlm_kernels.attention import attention_ref, attention_triton, head_dim_p2, prefill_configs
 from vlm_kernels.decode_attention import decode_attention_ref, decode_attention_triton, decode_configs
 
 pytestmark = pytest.mark.gpu
 
 # Max abs error / max |ref| (architecture.md tolerance table).
-TOL = {torch.bfloat16: 2e-2, torch.float16: 2e-3, torch.float32: 1e-5}
 HEAD_DIMS = [64, 72, 80, 96, 128, 256]
 LENS = [1, 1000, 777, 4096]  # varlen batch: single token, odd lengths, 4k
-
-
-def rel_err(out, ref):
-    return ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
 
 
 def qkv(lens_q, lens_k, n_head, n_head_kv, head_dim, dtype=torch.bfloat16, seed=0):

@@ -6,18 +6,13 @@ fp32 accumulation" is compared with the fp32 computation).
 import pytest
 import torch
 
+from _tol import TOL, rel_err
 from vlm_kernels.patch_embed import patch_embed_ref, patch_embed_triton
 
 # max |err| / max |ref| (docs: /work/shared/design/architecture.md tolerance table)
-TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
-
-
-def rel_err(got, ref):
-    got, ref = got.float(), ref.float()
-    return ((got - ref).abs().max() / ref.abs().max()).item()
 
 
 def make(D, C, kernel, dtype, seed, bias=True):

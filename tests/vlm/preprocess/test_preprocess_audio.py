@@ -13,13 +13,13 @@ import io
 import shutil
 import subprocess
 import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
 
+from paths import DATA
 from oracles import need
 from vlm.preprocess.audio import (CHUNK_FRAMES, CHUNK_SAMPLES, AudioError, audio_to_log_mel, decode_pcm, load_audio,
                                   log_mel_spectrogram, mel_filterbank, n_audio_chunks, pcm_to_float, to_mono)
@@ -28,7 +28,6 @@ transformers = need("transformers")
 from transformers import WhisperFeatureExtractor  # noqa: E402
 from transformers.audio_utils import mel_filter_bank  # noqa: E402
 
-DATA = Path(__file__).parent / "data"
 SR = 16_000
 ESPEAK = shutil.which("espeak-ng")
 

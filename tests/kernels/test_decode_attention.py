@@ -8,17 +8,13 @@ import importlib
 import pytest
 import torch
 
+from _tol import TOL, rel_err
 from vlm_kernels.attention import attention_triton
 from vlm_kernels.decode_attention import (MIN_SPLIT_TOKENS, choose_splits, ctx_bucket, decode_attention_ref,
                                       decode_attention_triton)
 
 # Max abs error / max |ref| (architecture.md tolerance table).
-TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
 DTYPES = [torch.float32, torch.float16]
-
-
-def rel_err(out, ref):
-    return ((out.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-30)).item()
 
 
 def make(n_seq, max_ctx, n_q, n_head, n_head_kv, head_dim, dtype, device, seed=0):

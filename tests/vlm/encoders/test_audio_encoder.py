@@ -25,6 +25,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from paths import DATA
 from oracles import missing
 import hf_tiny
 from vlm.convert.ctranslate2 import CT2Error, load_whisper_ct2, read_ct2
@@ -489,7 +490,7 @@ def test_real_whisper_base_matches_hf_on_speech(monkeypatch):
     enc, hp, sd = load_whisper_ct2(_whisper_base_parts(), device="cpu", dtype=torch.float32)
     assert hp == dict(d_model=512, encoder_layers=6, encoder_attention_heads=8, encoder_ffn_dim=2048,
                       num_mel_bins=80, max_source_positions=1500)
-    data = Path(__file__).parent / "data"
+    data = DATA
     clips = [load_audio(data / "speech_hello_16k.flac"), load_audio(data / "speech_foxes_8k.wav")]
     mel = torch.cat([log_mel_spectrogram(c, 80) for c in clips])              # [2, 80, 3000]
     assert mel.shape == (2, 80, 3000)

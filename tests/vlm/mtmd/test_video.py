@@ -4,7 +4,8 @@ one VIDEO chunk between the vision markers -> Qwen2-VL / Qwen2.5-VL encoder + M-
 The video positions of Qwen2.5-VL depend on the frame rate (HF second_per_grid_ts = 2 / fps, times the vision
 config's tokens_per_second): checked against HF's own get_rope_index for several rates, and through whole-prompt
 logits. HF's video processor needs torchvision (not installed), so HF gets our pixel values; those go through the
-same resize / normalise / patchify as images, which tests/test_preprocess_qwen.py checks against HF exactly.
+same resize / normalise / patchify as images, which tests/vlm/preprocess/test_preprocess_qwen.py checks against HF
+exactly.
 """
 from __future__ import annotations
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 
 import gguf
 import numpy as np
@@ -12,6 +11,7 @@ import torch
 from gguf import GGMLQuantizationType as T
 from gguf import LlamaFileType as F
 
+from paths import DATA
 import hf_tiny
 import quant_mix_fixture
 import real_models
@@ -161,7 +161,7 @@ def test_real_gguf_general_file_type_codes_match_llamacpp():
 
 
 # ---- every preset against llama-quantize's own output (tests/data/quantize_presets.json) ----------------------
-PRESET_DATA = json.loads((Path(__file__).parent / "data" / "quantize_presets.json").read_text())["files"]
+PRESET_DATA = json.loads((DATA / "quantize_presets.json").read_text())["files"]
 
 
 @pytest.fixture(scope="module")

@@ -161,7 +161,7 @@ def test_torch_path_on_cuda(qtype, monkeypatch):
 
 def test_tuned_table_for_this_gpu_is_legal():
     """If a tuned table exists for this GPU, its decode / small-batch winners for 4096x4096 run correctly
-    (tests/test_qmatmul.py checks every entry of every shipped table resolves)."""
+    (tests/kernels/test_qmatmul.py checks every entry of every shipped table resolves)."""
     import json
     name = torch.cuda.get_device_name()
     path = qcfg.config_path(name)

@@ -5,20 +5,21 @@ The prompt is tokenized by vlm.mtmd; HF gets the same ids with its image / audio
 row (and, for Gemma 3, the matching token_type_ids, so its bidirectional image mask is used). Pixels come from
 HF's own image processor on the HF side and from vlm.preprocess on ours, so preprocessing, encoder, projector,
 embedding placement, positions and (Gemma 3) the non-causal image chunk are all covered. Audio: both sides get
-the same log-mel windows (log-mel parity is tests/test_preprocess_audio.py's job); Ultravox has no transformers
-class, so its reference is the plain-torch projector of tests/test_audio_encoder.py feeding HF's Llama.
+the same log-mel windows (log-mel parity is tests/vlm/preprocess/test_preprocess_audio.py's job); Ultravox has no
+transformers class, so its reference is the plain-torch projector of tests/vlm/encoders/test_audio_encoder.py
+feeding HF's Llama.
 Qwen2-VL / Qwen2.5-VL: dynamic-resolution images with M-RoPE positions (HF gets mm_token_type_ids).
 """
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from paths import DATA
 import hf_tiny
 import vlm
 from vlm import mtmd
@@ -228,12 +229,12 @@ def test_cli_generate_with_image_and_audio(tiny, tmp_path, capsys):
     assert rc == 1 and "nope.png" in capsys.readouterr().err
     _, amodel, _ = tiny("qwen2a")
     rc = main(["generate", "-m", amodel.path, "--mmproj", amodel.audio_encoder.path, "--audio",
-               str(Path(__file__).parent / "data" / "speech_hello_16k.flac"), "-p", "What was said?", "--chat",
+               str(DATA / "speech_hello_16k.flac"), "-p", "What was said?", "--chat",
                "-n", "3", "--temp", "0", "--device", "cpu"])
     out = capsys.readouterr()
     assert rc == 0, out.err
     ref = amodel.generate([{"role": "user", "content": "<__media__>What was said?"}],
-                          audio=[str(Path(__file__).parent / "data" / "speech_hello_16k.flac")], max_tokens=3,
+                          audio=[str(DATA / "speech_hello_16k.flac")], max_tokens=3,
                           temperature=0)
     assert out.out.rstrip("\n") == ref
     rc = main(["generate", "-m", model.path, "--image", str(img), "-p", "x", "-n", "1", "--device", "cpu"])

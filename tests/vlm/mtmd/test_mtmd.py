@@ -1,14 +1,13 @@
 """Media API (vlm.mtmd: context, cache, chat): bitmaps, chunking and counting, per-projector markers,
 the embedding cache, KV evaluation with rollback, Model.generate(images=/audio=), chat parts and bad input.
 
-Numerical parity against HF lives in tests/test_multimodal_e2e.py; here the tiny converted models only serve as
+Numerical parity against HF lives in tests/vlm/mtmd/test_multimodal_e2e.py; here the tiny converted models only serve as
 real encoders/tokenizers for the bookkeeping.
 """
 from __future__ import annotations
 
 import hashlib
 import io
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -16,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from paths import DATA
 import hf_tiny
 import vlm
 from vlm import mtmd
@@ -25,7 +25,6 @@ from vlm.kv_cache import ContextFullError
 from vlm.mtmd.cache import EmbeddingCache
 from vlm.preprocess.image import ImageError, ImageTooLargeError
 
-DATA = Path(__file__).parent / "data"
 MAKERS = {"llava": hf_tiny.make_tiny_llava, "gemma3": hf_tiny.make_tiny_gemma3_vlm,
           "idefics3": hf_tiny.make_tiny_idefics3, "qwen2a": hf_tiny.make_tiny_qwen2_audio,
           "qwen2vl": hf_tiny.make_tiny_qwen2_vl}

@@ -6,6 +6,7 @@ M-RoPE / vision RoPE, several new decode tokens, empty sequences) and the same i
 import pytest
 import torch
 
+from _tol import TOL, rel_err
 import vlm_kernels
 from vlm_kernels import _dispatch
 from vlm_kernels import cpu_fast as fast
@@ -16,11 +17,6 @@ from vlm_kernels.rope import rope_ref
 
 # Max abs error / max |ref| (architecture.md table). Both sides compute in fp32 on the CPU; for fp16/bf16 outputs
 # they may differ by one rounding of the output dtype (fp16 ulp 2^-10 ~ 1e-3, bf16 2^-7 ~ 8e-3).
-TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
-
-
-def rel_err(out, ref):
-    return ((out.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-30)).item()
 
 
 def close(out, ref, dtype=torch.float32):
