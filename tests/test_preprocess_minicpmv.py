@@ -291,3 +291,22 @@ def test_video_units_interleave_composites():
     assert units[7].shape == (20, 30, 3)                           # second 3 has one sub-frame -> a 1x1 canvas
     with pytest.raises(ValueError, match="positive duration"):
         V.video_frame_indices(0, 30.0, 10)
+
+
+def test_stacked_video_units_match_hf(monkeypatch):
+    from transformers.video_utils import VideoMetadata
+
+    from tv_standin import hf_minicpmv4_6_video_processor
+
+    proc = hf_minicpmv4_6_video_processor(monkeypatch)
+    duration, fps = 3.5, 10.0
+    idx = V.video_frame_indices(duration, fps, 35, stack_frames=3)
+    frames = np.random.default_rng(6).integers(0, 256, (len(idx), 120, 160, 3), dtype=np.uint8)
+    meta = VideoMetadata(total_num_frames=len(idx), fps=fps, duration=duration)
+    ref = proc(videos=[frames], video_metadata=[meta], do_sample_frames=False, stack_frames=3, return_tensors="np")
+    units = V.video_units(frames, duration, stack_frames=3)
+    assert ref["num_frames_per_video"] == [len(units)]
+    pvs = [pv for u in units for pv in V.preprocess_video_unit(u)[0]]
+    packed = M.pack_patches(pvs)
+    assert packed.shape == ref["pixel_values_videos"].shape
+    assert float(np.abs(packed - ref["pixel_values_videos"]).max()) <= TOL["pixels_vs_hf"]

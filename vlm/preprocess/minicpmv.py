@@ -326,14 +326,13 @@ class MiniCPMVImage:
     """One preprocessed image: the overview first, then the slices row-major, each ``[3, h, w]`` float32."""
     pixel_values: list[np.ndarray]
     plan: SlicePlan
+    patch_size: int = 14
 
     @property
     def target_sizes(self) -> np.ndarray:
         """[n_entries, 2] int32 patch grid (h/p, w/p) per entry (HF ``target_sizes``)."""
         p = self.patch_size
         return np.array([[pv.shape[1] // p, pv.shape[2] // p] for pv in self.pixel_values], dtype=np.int32)
-
-    patch_size: int = 14
 
 
 def slice_images(image: np.ndarray, plan: SlicePlan, cfg: SliceConfig = MINICPMV4_6) -> list[np.ndarray]:
