@@ -14,7 +14,7 @@ LAYERS = [
     ("vlm_kernels",),
     ("vlm.errors", "vlm.gguf", "vlm.preprocess", "vlm.config", "vlm.registry", "vlm.batch", "vlm.kv_cache",
      "vlm.sampling", "vlm.tokenizer", "vlm.chat", "vlm.mrope"),
-    ("vlm.graph",),
+    ("vlm.graph", "vlm.lora"),
     ("vlm.models", "vlm.encoders"),
     ("vlm.generate", "vlm.quantize", "vlm.convert"),
     ("vlm.mtmd", "vlm.model"),
