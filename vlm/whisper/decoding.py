@@ -41,7 +41,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from vlm.whisper.tokenizer import TASKS, WhisperSpecials, language_code
+from vlm.whisper.tokenizer import TASKS, WhisperSpecials, WhisperTokenizerError, language_code
 
 LogitsFn = Callable[..., torch.Tensor]
 NEG_INF = -float("inf")
@@ -118,7 +118,10 @@ class DecodeOptions:
 def language_token(spec: WhisperDecodeSpec, language: str) -> int:
     if not spec.specials.multilingual:
         raise WhisperDecodeError("this Whisper model is English-only: it takes no language (or task)")
-    return spec.specials.languages[language_code(language, spec.specials.languages)]
+    try:
+        return spec.specials.languages[language_code(language, spec.specials.languages)]
+    except WhisperTokenizerError as e:
+        raise WhisperDecodeError(str(e)) from None
 
 
 def initial_tokens(spec: WhisperDecodeSpec, *, language_id: int | None, task: str | None,

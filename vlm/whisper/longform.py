@@ -118,6 +118,9 @@ def transcribe(mel: torch.Tensor, encode: Callable[[torch.Tensor], LogitsFn], sp
         n = min(n_frames - seek, wf)
         return F.pad(mel[:, seek:seek + n], (0, wf - n)), n
 
+    prompt = list(opts.prompt_ids) if opts.prompt_ids else None
+    if prompt is not None and prompt[0] != s.sot_prev:
+        raise WhisperDecodeError("prompt_ids must start with <|startofprev|> (use WhisperTokenizer.prompt_ids)")
     first: list = []               # window 0's logits_fn, kept from language detection for its decoding
 
     def bind(seek: int, window: torch.Tensor) -> LogitsFn:
@@ -135,9 +138,6 @@ def transcribe(mel: torch.Tensor, encode: Callable[[torch.Tensor], LogitsFn], sp
     elif opts.language is not None or opts.task is not None:
         raise WhisperDecodeError("this Whisper model is English-only: it takes no language or task")
     init = initial_tokens(spec, language_id=lang_id, task=opts.task, timestamps=timestamps)
-    prompt = list(opts.prompt_ids) if opts.prompt_ids else None
-    if prompt is not None and prompt[0] != s.sot_prev:
-        raise WhisperDecodeError("prompt_ids must start with <|startofprev|> (use WhisperTokenizer.prompt_ids)")
     first_segment_prompt = prompt is not None and opts.prompt_condition_type == "first-segment"
     history: list[list[int]] = [prompt[1:]] if first_segment_prompt else []   # HF current_segments' token lists
     cut_off = spec.max_target_positions // 2 - 1
