@@ -1,0 +1,1 @@
+"""Whisper speech-to-text, text side: tokenizer, decoding algorithms, long-form transcription."""
