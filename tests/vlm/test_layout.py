@@ -17,7 +17,7 @@ LAYERS = [
     ("vlm.graph", "vlm.lora"),
     ("vlm.models", "vlm.encoders"),
     ("vlm.generate", "vlm.quantize", "vlm.convert"),
-    ("vlm.mtmd", "vlm.model"),
+    ("vlm.mtmd", "vlm.model", "vlm.whisper"),
     ("vlm.cli", "vlm"),
 ]
 
